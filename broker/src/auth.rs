@@ -1,0 +1,202 @@
+//! Who is calling: turns the bearer token a shim sends into a tenant identity.
+//!
+//! Authentication sits behind [`Authenticator`] so that the development mode (a static
+//! token file) and Kubernetes identity share one request path.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tonic::metadata::MetadataMap;
+
+use crate::error::EtcdError;
+
+/// A Kubernetes service account: the unit of tenancy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    /// Parses `<ns>/<sa>` or `system:serviceaccount:<ns>:<sa>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, sa) = match s.strip_prefix("system:serviceaccount:") {
+            Some(rest) => rest.split_once(':')?,
+            None => s.split_once('/')?,
+        };
+        let valid = |n: &str| {
+            !n.is_empty() && !n.contains(['/', ':']) && n.bytes().all(|b| b.is_ascii_graphic())
+        };
+        (valid(ns) && valid(sa)).then(|| Identity {
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
+}
+
+/// Verifies a bearer token.
+pub trait Authenticator: Send + Sync + 'static {
+    /// The identity behind `token`, or why it is refused.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("unknown token")]
+    Unknown,
+    #[error("token verification failed: {0}")]
+    Backend(String),
+}
+
+impl From<AuthError> for EtcdError {
+    fn from(_: AuthError) -> Self {
+        // The caller never learns why: etcd says the same for every bad token.
+        EtcdError::InvalidAuthToken
+    }
+}
+
+/// Reads `authorization: Bearer <token>` from request metadata.
+pub fn bearer(md: &MetadataMap) -> Result<&str, AuthError> {
+    let v = md
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(AuthError::Missing)?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .ok_or(AuthError::Missing)?
+        .trim();
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(token)
+}
+
+/// Development mode: a file of `<token> <namespace>/<serviceaccount>` lines (`#` starts a
+/// comment). For local use and tests only; production uses Kubernetes identity.
+#[derive(Clone, Debug, Default)]
+pub struct StaticTokens {
+    tokens: Arc<HashMap<String, Identity>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StaticTokensError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: expected `<token> <namespace>/<serviceaccount>`")]
+    Syntax { path: String, line: usize },
+}
+
+impl StaticTokens {
+    pub fn load(path: &Path) -> Result<Self, StaticTokensError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StaticTokensError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|line| StaticTokensError::Syntax {
+            path: path.display().to_string(),
+            line,
+        })
+    }
+
+    /// Parses the file body; on error returns the 1-based line number.
+    pub fn parse(text: &str) -> Result<Self, usize> {
+        let mut tokens = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(token), Some(who), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(i + 1);
+            };
+            let id = Identity::parse(who).ok_or(i + 1)?;
+            tokens.insert(token.to_owned(), id);
+        }
+        Ok(Self {
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+impl Authenticator for StaticTokens {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        let res = self.tokens.get(token).cloned().ok_or(AuthError::Unknown);
+        Box::pin(std::future::ready(res))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_parsing() {
+        let id = Identity::parse("demo/default").unwrap();
+        assert_eq!(id.to_string(), "demo/default");
+        assert_eq!(
+            Identity::parse("system:serviceaccount:demo:default"),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "demo",
+            "/x",
+            "x/",
+            "a/b/c",
+            "system:serviceaccount:a",
+            "a b/c",
+        ] {
+            assert_eq!(Identity::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn static_tokens() {
+        let t = StaticTokens::parse("# dev tokens\ntok-a team-a/app\n\ntok-b team-b/app # b\n")
+            .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.authenticate("tok-b").await.unwrap().to_string(),
+            "team-b/app"
+        );
+        assert!(matches!(
+            t.authenticate("nope").await,
+            Err(AuthError::Unknown)
+        ));
+        assert_eq!(StaticTokens::parse("a b c\n").unwrap_err(), 1);
+        assert_eq!(StaticTokens::parse("ok x/y\nbad\n").unwrap_err(), 2);
+    }
+
+    #[test]
+    fn bearer_metadata() {
+        let mut md = MetadataMap::new();
+        assert!(matches!(bearer(&md), Err(AuthError::Missing)));
+        md.insert("authorization", "Basic abc".parse().unwrap());
+        assert!(matches!(bearer(&md), Err(AuthError::Missing)));
+        md.insert("authorization", "Bearer abc.def".parse().unwrap());
+        assert_eq!(bearer(&md).unwrap(), "abc.def");
+    }
+}

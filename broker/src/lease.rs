@@ -1,0 +1,255 @@
+//! Lease: grants are recorded as owned by the tenant; every other call on a lease the
+//! tenant does not own behaves exactly as etcd does for a lease that does not exist.
+
+use std::time::Instant;
+
+use etcd_client::proto::{
+    PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse,
+    PbLeaseLeasesRequest, PbLeaseLeasesResponse, PbLeaseRevokeRequest, PbLeaseRevokeResponse,
+    PbLeaseService, PbLeaseStatus, PbLeaseTimeToLiveRequest, PbLeaseTimeToLiveResponse,
+    PbRangeRequest, PbRangeResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::EtcdError;
+use crate::upstream::request_from;
+use crate::{Broker, rewrite};
+
+const SERVICE: &str = "Lease";
+
+#[tonic::async_trait]
+impl PbLeaseService for Broker {
+    async fn lease_grant(
+        &self,
+        req: Request<PbLeaseGrantRequest>,
+    ) -> Result<Response<PbLeaseGrantResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let t = self.tenant(req.metadata()).await?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            // A chosen id could collide with, and so reveal, another tenant's lease.
+            if r.id != 0 {
+                return Err(self.deny(Some(&t), "LeaseGrant", EtcdError::PermissionDenied));
+            }
+            let mut resp: PbLeaseGrantResponse = self
+                .upstream()
+                .unary("/etcdserverpb.Lease/LeaseGrant", request_from(&md, r))
+                .await?
+                .into_inner();
+            self.note(&resp.header);
+            if let Err(e) = self.inner.leases.record(self.upstream(), &t, resp.id).await {
+                // Without its record the lease would be unusable: give it back.
+                let revoke = PbLeaseRevokeRequest { id: resp.id };
+                let _ = self
+                    .upstream()
+                    .unary::<_, PbLeaseRevokeResponse>(
+                        "/etcdserverpb.Lease/LeaseRevoke",
+                        Request::new(revoke),
+                    )
+                    .await;
+                return Err(e);
+            }
+            rewrite::scrub_header(&mut resp.header);
+            Ok(Response::new(resp))
+        }
+        .await;
+        self.metrics().observe(SERVICE, "LeaseGrant", started, &res);
+        res
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<PbLeaseRevokeRequest>,
+    ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let t = self.tenant(req.metadata()).await?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let id = r.id;
+            if !self.owns_lease(&t, id).await? {
+                return Err(self.deny(Some(&t), "LeaseRevoke", EtcdError::LeaseNotFound));
+            }
+            let mut resp: PbLeaseRevokeResponse = self
+                .upstream()
+                .unary("/etcdserverpb.Lease/LeaseRevoke", request_from(&md, r))
+                .await?
+                .into_inner();
+            self.inner.leases.forget(id);
+            self.note(&resp.header);
+            rewrite::scrub_header(&mut resp.header);
+            Ok(Response::new(resp))
+        }
+        .await;
+        self.metrics()
+            .observe(SERVICE, "LeaseRevoke", started, &res);
+        res
+    }
+
+    type LeaseKeepAliveStream = ReceiverStream<Result<PbLeaseKeepAliveResponse, Status>>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<PbLeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let t = self.tenant(req.metadata()).await?;
+        let md = req.metadata().clone();
+        let mut downstream = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let (up_tx, up_rx) = mpsc::channel::<PbLeaseKeepAliveRequest>(16);
+
+        // Requests: owned leases go to etcd; for any other id, answer as etcd does for a
+        // missing lease (TTL 0) without asking it.
+        let broker = self.clone();
+        let tenant = t.clone();
+        let local_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = downstream.next().await {
+                match broker.owns_lease(&tenant, msg.id).await {
+                    Ok(true) => {
+                        if up_tx.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(false) => {
+                        broker.metrics().denied("foreign_lease");
+                        let resp = PbLeaseKeepAliveResponse {
+                            header: broker.synthetic_header(),
+                            id: msg.id,
+                            ttl: 0,
+                        };
+                        if local_tx.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = local_tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+
+        let mut upstream = self
+            .upstream()
+            .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
+                "/etcdserverpb.Lease/LeaseKeepAlive",
+                request_from(&md, ReceiverStream::new(up_rx)),
+            )
+            .await?
+            .into_inner();
+        let broker = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        broker.metrics().keepalive_streams.inc();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = upstream.message() => m,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                        break;
+                    }
+                    _ = tx.closed() => break,
+                };
+                match msg {
+                    Ok(Some(mut resp)) => {
+                        broker.note(&resp.header);
+                        rewrite::scrub_header(&mut resp.header);
+                        if tx.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(crate::upstream::clean(status))).await;
+                        break;
+                    }
+                }
+            }
+            broker.metrics().keepalive_streams.dec();
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<PbLeaseTimeToLiveRequest>,
+    ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let t = self.tenant(req.metadata()).await?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            if !self.owns_lease(&t, r.id).await? {
+                self.metrics().denied("foreign_lease");
+                // etcd answers a missing lease with TTL -1, not an error.
+                return Ok(Response::new(PbLeaseTimeToLiveResponse {
+                    header: self.synthetic_header(),
+                    id: r.id,
+                    ttl: -1,
+                    granted_ttl: 0,
+                    keys: Vec::new(),
+                }));
+            }
+            let mut resp: PbLeaseTimeToLiveResponse = self
+                .upstream()
+                .unary("/etcdserverpb.Lease/LeaseTimeToLive", request_from(&md, r))
+                .await?
+                .into_inner();
+            self.note(&resp.header);
+            rewrite::scrub_header(&mut resp.header);
+            // The ownership record is the broker's, not the tenant's: hide it quietly.
+            resp.keys.retain(|k| !t.lease_prefix.contains(k));
+            let s = rewrite::strip_keys(&t.prefix, &mut resp.keys);
+            self.check_stripped(&t, "LeaseTimeToLive", s);
+            Ok(Response::new(resp))
+        }
+        .await;
+        self.metrics()
+            .observe(SERVICE, "LeaseTimeToLive", started, &res);
+        res
+    }
+
+    async fn lease_leases(
+        &self,
+        req: Request<PbLeaseLeasesRequest>,
+    ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let t = self.tenant(req.metadata()).await?;
+            let md = req.metadata().clone();
+            // The tenant's leases are exactly its ownership records.
+            let r = PbRangeRequest {
+                key: t.lease_prefix.as_bytes().to_vec(),
+                range_end: t.lease_prefix.end().to_vec(),
+                keys_only: true,
+                ..Default::default()
+            };
+            let resp: PbRangeResponse = self
+                .upstream()
+                .unary("/etcdserverpb.KV/Range", request_from(&md, r))
+                .await?
+                .into_inner();
+            self.note(&resp.header);
+            let leases = resp
+                .kvs
+                .iter()
+                .filter_map(|kv| t.lease_prefix.strip(&kv.key))
+                .filter_map(|hex| std::str::from_utf8(hex).ok())
+                .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+                .map(|id| PbLeaseStatus { id: id as i64 })
+                .collect();
+            let mut header = resp.header;
+            rewrite::scrub_header(&mut header);
+            Ok(Response::new(PbLeaseLeasesResponse { header, leases }))
+        }
+        .await;
+        self.metrics()
+            .observe(SERVICE, "LeaseLeases", started, &res);
+        res
+    }
+}

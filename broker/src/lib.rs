@@ -1,0 +1,152 @@
+//! The etcd-shim broker: authenticates each caller, confines it to its tenant's key
+//! prefix on every etcd API, and forwards to etcd. It alone holds the etcd credentials.
+
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod rewrite;
+pub mod server;
+pub mod upstream;
+
+mod cluster;
+mod kv;
+mod lease;
+mod lock;
+mod maintenance;
+mod tenant;
+mod watch;
+
+pub use server::{BrokerConfig, serve};
+pub use tenant::Tenant;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use etcd_client::proto::PbResponseHeader;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use crate::auth::Authenticator;
+use crate::error::EtcdError;
+use crate::metrics::Metrics;
+use crate::rewrite::Stripped;
+use crate::tenant::{LeaseOwners, TenantResolver};
+use crate::upstream::Upstream;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Verifies the shim's bearer token.
+    auth: Arc<dyn Authenticator>,
+    /// Maps an identity to its prefix.
+    tenants: TenantResolver,
+    /// Where tenants' data lives.
+    upstream: Upstream,
+    /// Which tenant owns which lease.
+    leases: LeaseOwners,
+    metrics: Metrics,
+    /// Client URLs the broker reports in MemberList for clients that talk to it directly.
+    advertise_client_urls: Vec<String>,
+    /// The newest revision seen from etcd; stamped on responses the broker makes up
+    /// itself, so their headers look like etcd's.
+    last_revision: AtomicI64,
+    /// Ends long-lived streams when the broker shuts down.
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Broker {
+    pub fn new(
+        cfg: &BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        upstream: Upstream,
+        metrics: Metrics,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, tenant::TenantConfigError> {
+        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                auth,
+                tenants,
+                upstream,
+                leases: LeaseOwners::default(),
+                metrics,
+                advertise_client_urls: cfg.advertise_client_urls.clone(),
+                last_revision: AtomicI64::new(0),
+                shutdown,
+            }),
+        })
+    }
+
+    fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Authenticates the caller and resolves its tenant.
+    async fn tenant(&self, md: &MetadataMap) -> Result<Arc<Tenant>, Status> {
+        let res = match auth::bearer(md) {
+            Ok(token) => self.inner.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(id) => Ok(self.inner.tenants.resolve(&id)),
+            Err(e) => {
+                self.metrics().auth_failures.inc();
+                tracing::info!(reason = %e, "refused unauthenticated call");
+                Err(EtcdError::from(e).into())
+            }
+        }
+    }
+
+    /// Records the revision of an etcd response header.
+    fn note(&self, header: &Option<PbResponseHeader>) {
+        if let Some(h) = header {
+            self.inner
+                .last_revision
+                .fetch_max(h.revision, Ordering::Relaxed);
+        }
+    }
+
+    /// A header for a response the broker answers itself.
+    fn synthetic_header(&self) -> Option<PbResponseHeader> {
+        Some(PbResponseHeader {
+            cluster_id: rewrite::CLUSTER_ID,
+            member_id: rewrite::MEMBER_ID,
+            revision: self.inner.last_revision.load(Ordering::Relaxed),
+            raft_term: rewrite::RAFT_TERM,
+        })
+    }
+
+    /// Logs and counts keys dropped from a response because they were not the tenant's.
+    fn check_stripped(&self, tenant: &Tenant, method: &'static str, s: Stripped) {
+        if s.foreign > 0 {
+            self.metrics().foreign_keys_dropped.inc_by(s.foreign as u64);
+            tracing::error!(
+                tenant = %tenant.name,
+                method,
+                dropped = s.foreign,
+                "response held keys outside the tenant prefix; dropped them"
+            );
+        }
+    }
+
+    /// Counts and audits a refusal by policy, then returns it as a status.
+    fn deny(&self, tenant: Option<&Tenant>, method: &'static str, err: EtcdError) -> Status {
+        self.metrics().denied(err.reason());
+        tracing::warn!(
+            target: "etcd_shim_broker::audit",
+            tenant = tenant.map(|t| t.name.as_str()).unwrap_or("-"),
+            method,
+            reason = err.reason(),
+            "denied"
+        );
+        err.into()
+    }
+}

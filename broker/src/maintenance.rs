@@ -1,0 +1,150 @@
+//! Maintenance: cluster-wide operations. Status is answered from the backend's
+//! real version with synthetic identity; Alarm GET is allowed; everything else would let
+//! one tenant read or disturb the whole cluster, so it is refused as etcd refuses a user
+//! without permission.
+
+use std::time::Instant;
+
+use etcd_client::proto::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::EtcdError;
+use crate::upstream::request_from;
+use crate::{Broker, rewrite};
+
+/// etcd's `AlarmRequest.AlarmAction.GET`.
+const ALARM_GET: i32 = 0;
+
+impl Broker {
+    /// Authenticates, then refuses: an unauthenticated caller learns nothing more.
+    pub(crate) async fn refuse<T>(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        method: &'static str,
+    ) -> Result<T, Status> {
+        let t = self.tenant(md).await?;
+        Err(self.deny(Some(&t), method, EtcdError::PermissionDenied))
+    }
+}
+
+#[tonic::async_trait]
+impl PbMaintenanceService for Broker {
+    async fn alarm(
+        &self,
+        req: Request<PbAlarmRequest>,
+    ) -> Result<Response<PbAlarmResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let t = self.tenant(req.metadata()).await?;
+            if req.get_ref().action != ALARM_GET {
+                return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
+            }
+            let md = req.metadata().clone();
+            let mut resp: PbAlarmResponse = self
+                .upstream()
+                .unary(
+                    "/etcdserverpb.Maintenance/Alarm",
+                    request_from(&md, req.into_inner()),
+                )
+                .await?
+                .into_inner();
+            self.note(&resp.header);
+            rewrite::scrub_header(&mut resp.header);
+            // A NOSPACE alarm concerns every tenant, so it is shown, but not which member.
+            for a in &mut resp.alarms {
+                a.member_id = rewrite::MEMBER_ID;
+            }
+            Ok(Response::new(resp))
+        }
+        .await;
+        self.metrics()
+            .observe("Maintenance", "Alarm", started, &res);
+        res
+    }
+
+    async fn status(
+        &self,
+        req: Request<PbStatusRequest>,
+    ) -> Result<Response<PbStatusResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            self.tenant(req.metadata()).await?;
+            let md = req.metadata().clone();
+            let real: PbStatusResponse = self
+                .upstream()
+                .unary(
+                    "/etcdserverpb.Maintenance/Status",
+                    request_from(&md, req.into_inner()),
+                )
+                .await?
+                .into_inner();
+            self.note(&real.header);
+            let mut header = real.header;
+            rewrite::scrub_header(&mut header);
+            let revision = header.as_ref().map_or(0, |h| h.revision) as u64;
+            // Clients gate features on the version (the apiserver enables progress
+            // requests by it), so it is the backend's own; the rest reveals nothing.
+            Ok(Response::new(PbStatusResponse {
+                header,
+                version: real.version,
+                db_size: 0,
+                leader: rewrite::MEMBER_ID,
+                raft_index: revision,
+                raft_term: rewrite::RAFT_TERM,
+                raft_applied_index: revision,
+                errors: Vec::new(),
+                db_size_in_use: 0,
+                is_learner: false,
+                storage_version: real.storage_version,
+                db_size_quota: 0,
+                downgrade_info: None,
+            }))
+        }
+        .await;
+        self.metrics()
+            .observe("Maintenance", "Status", started, &res);
+        res
+    }
+
+    async fn defragment(
+        &self,
+        req: Request<PbDefragmentRequest>,
+    ) -> Result<Response<PbDefragmentResponse>, Status> {
+        self.refuse(req.metadata(), "Defragment").await
+    }
+
+    async fn hash(&self, req: Request<PbHashRequest>) -> Result<Response<PbHashResponse>, Status> {
+        self.refuse(req.metadata(), "Hash").await
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<PbHashKvRequest>,
+    ) -> Result<Response<PbHashKvResponse>, Status> {
+        self.refuse(req.metadata(), "HashKV").await
+    }
+
+    type SnapshotStream = ReceiverStream<Result<PbSnapshotResponse, Status>>;
+
+    async fn snapshot(
+        &self,
+        req: Request<PbSnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.refuse(req.metadata(), "Snapshot").await
+    }
+
+    async fn move_leader(
+        &self,
+        req: Request<PbMoveLeaderRequest>,
+    ) -> Result<Response<PbMoveLeaderResponse>, Status> {
+        self.refuse(req.metadata(), "MoveLeader").await
+    }
+
+    async fn downgrade(
+        &self,
+        req: Request<PbDowngradeRequest>,
+    ) -> Result<Response<PbDowngradeResponse>, Status> {
+        self.refuse(req.metadata(), "Downgrade").await
+    }
+}

@@ -1,0 +1,145 @@
+//! The broker's Prometheus metrics (`etcd_broker_*`).
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::{Code, Status};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: &'static str,
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub service: &'static str,
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Handles to every broker metric; clones share the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<MethodLabels, Histogram>,
+    pub auth_failures: Counter,
+    pub denials: Family<ReasonLabels, Counter>,
+    pub foreign_keys_dropped: Counter,
+    pub watch_streams: Gauge,
+    pub keepalive_streams: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.5, 14))
+            }),
+            auth_failures: Counter::default(),
+            denials: Family::default(),
+            foreign_keys_dropped: Counter::default(),
+            watch_streams: Gauge::default(),
+            keepalive_streams: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("etcd_broker");
+        r.register(
+            "requests",
+            "Unary etcd requests served, by service, method and gRPC code",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to serve a unary etcd request, etcd included",
+            m.latency.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Calls refused because the bearer token was missing or invalid",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "policy_denials",
+            "Calls refused by the isolation policy, by reason",
+            m.denials.clone(),
+        );
+        r.register(
+            "foreign_keys_dropped",
+            "Keys outside the caller's prefix removed from responses (should stay 0)",
+            m.foreign_keys_dropped.clone(),
+        );
+        r.register(
+            "watch_streams_open",
+            "Watch streams currently open",
+            m.watch_streams.clone(),
+        );
+        r.register(
+            "lease_keepalive_streams_open",
+            "Lease keep-alive streams currently open",
+            m.keepalive_streams.clone(),
+        );
+        m
+    }
+
+    pub fn denied(&self, reason: &'static str) {
+        self.denials.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Records one finished unary call.
+    pub fn observe<T>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        started: Instant,
+        res: &Result<T, Status>,
+    ) {
+        let code = match res {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                service,
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels { service, method })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// gRPC code names as other gRPC servers label them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}

@@ -1,0 +1,110 @@
+//! The broker's gRPC server: every etcd service plus `grpc.health.v1.Health`, with
+//! etcd's message limits and keepalive tolerance.
+
+use std::time::Duration;
+
+use etcd_client::proto::{
+    PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbStatusRequest,
+    PbStatusResponse, PbWatchServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::Server;
+
+use crate::Broker;
+use crate::lock::{AuthService, ElectionService, LockService};
+
+/// etcd's gRPC receive limit (1.5 MiB request + 512 KiB overhead) plus room for the
+/// tenant prefix, so that oversized requests reach etcd and clients see etcd's own
+/// "request is too large".
+pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024 + 64 * 1024;
+
+/// Settings of the broker that are not about transport.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Tenant `<ns>/<sa>` lives under `<root><ns>/<sa>/`.
+    pub tenant_prefix_root: String,
+    /// Lease ownership records live under `<lease_prefix><ns>/<sa>/<id>`.
+    pub lease_prefix: String,
+    /// Client URLs reported by MemberList to clients that call the broker directly.
+    pub advertise_client_urls: Vec<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            tenant_prefix_root: "/etcd-shim/tenants/".into(),
+            lease_prefix: "/etcd-shim/leases/".into(),
+            advertise_client_urls: Vec::new(),
+        }
+    }
+}
+
+/// Serves the broker's gRPC API on `listener` until `shutdown` is cancelled, then waits
+/// for open calls (streams end by themselves on shutdown).
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "broker listening");
+    }
+    // etcd reports the empty service name as SERVING; so does the broker.
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let b = broker;
+    Server::builder()
+        .tcp_nodelay(true)
+        // Answer the client's keepalive pings and send our own to find dead shims.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(u32::MAX))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .add_service(
+            PbKvServer::new(b.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            PbWatchServer::new(b.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            PbLeaseServer::new(b.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            PbMaintenanceServer::new(b.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(PbClusterServer::new(b.clone()))
+        .add_service(AuthService(b.clone()))
+        .add_service(LockService(b.clone()))
+        .add_service(ElectionService(b.clone()))
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+}
+
+impl Broker {
+    /// Whether etcd answers; used for readiness.
+    pub async fn probe_backend(&self) -> Result<String, String> {
+        let resp: PbStatusResponse = self
+            .upstream()
+            .unary(
+                "/etcdserverpb.Maintenance/Status",
+                Request::new(PbStatusRequest {}),
+            )
+            .await
+            .map_err(|s| format!("etcd: {}", s.message()))?
+            .into_inner();
+        self.note(&resp.header);
+        Ok(resp.version)
+    }
+}

@@ -1,0 +1,147 @@
+//! The little gRPC the shim speaks itself: framing a message it answers locally, and
+//! trailers-only error responses. Everything else passes through as bytes.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+
+/// gRPC status codes the shim produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    Ok = 0,
+    Unimplemented = 12,
+    Unavailable = 14,
+}
+
+/// A body the shim makes itself: at most one data frame, then optional trailers.
+#[derive(Debug, Default)]
+pub struct LocalBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for LocalBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// Frames one encoded protobuf message (uncompressed).
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.len());
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+fn grpc_response(body: LocalBody) -> Response<LocalBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+/// A successful unary response carrying one framed message.
+pub fn ok(framed: Bytes) -> Response<LocalBody> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    grpc_response(LocalBody {
+        data: Some(framed),
+        trailers: Some(trailers),
+    })
+}
+
+/// A trailers-only error response.
+pub fn error(code: Code, message: &str) -> Response<LocalBody> {
+    let mut resp = grpc_response(LocalBody::default());
+    let h = resp.headers_mut();
+    h.insert("grpc-status", HeaderValue::from(code as u16));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII except `%` stays as is.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The gRPC status of a response: from the headers of a trailers-only response, or
+/// from trailers.
+pub fn status_of(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn framing() {
+        assert_eq!(frame(b"ab").as_ref(), &[0, 0, 0, 0, 2, b'a', b'b']);
+        assert_eq!(frame(b"").as_ref(), &[0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(
+            percent_encode("broker: 100% down\n"),
+            "broker: 100%25 down%0A"
+        );
+    }
+
+    #[tokio::test]
+    async fn ok_response_has_data_then_trailers() {
+        let resp = ok(frame(b"x"));
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(status_of(&trailers), Some(0));
+        assert_eq!(collected.to_bytes().as_ref(), &[0, 0, 0, 0, 1, b'x']);
+    }
+
+    #[test]
+    fn error_is_trailers_only() {
+        let resp = error(Code::Unavailable, "no broker");
+        assert_eq!(status_of(resp.headers()), Some(14));
+        assert_eq!(resp.headers()["grpc-message"], "no broker");
+        assert!(resp.body().is_end_stream());
+    }
+}

@@ -1,0 +1,297 @@
+//! The etcd-shim sidecar: serves plaintext etcd v3 gRPC on the pod's loopback and
+//! tunnels every call, as bytes, to the broker over one multiplexed HTTP/2 connection,
+//! with the pod's token. It decodes nothing but the path, so its memory does not grow
+//! with traffic.
+
+pub mod authority;
+pub mod grpc;
+pub mod token;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
+use tokio::net::TcpListener;
+
+use etcd_shim_core::shutdown::Shutdown;
+
+pub use token::TokenSource;
+
+/// What the app may have sent as credentials; the shim's own token replaces them.
+const APP_AUTH_HEADERS: &[&str] = &["authorization", "token"];
+
+/// The response body: the broker's, or one the shim made.
+pub type ShimBody = Either<Incoming, grpc::LocalBody>;
+
+/// Where and how to reach the broker.
+#[derive(Clone, Debug)]
+pub struct BrokerTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl BrokerTarget {
+    /// Parses `http://host:port` (plaintext) or `https://host:port`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("invalid broker URL {url:?}: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("broker URL {url:?} needs http:// or https://"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("broker URL {url:?} needs a host"))?;
+        if authority.port().is_none() {
+            return Err(format!("broker URL {url:?} needs a port"));
+        }
+        Ok(Self { scheme, authority })
+    }
+}
+
+/// Forwards calls to the broker.
+#[derive(Clone)]
+pub struct Forwarder {
+    inner: Arc<ForwarderInner>,
+}
+
+struct ForwarderInner {
+    client: Client<HttpConnector, Incoming>,
+    /// Empty-bodied client for the shim's own health probes.
+    probe_client: Client<HttpConnector, Full<Bytes>>,
+    target: BrokerTarget,
+    token: TokenSource,
+    /// The MemberList answer, framed once: one member whose client URL is this shim.
+    member_list: Bytes,
+}
+
+impl Forwarder {
+    pub fn new(target: BrokerTarget, token: TokenSource, advertise: SocketAddr) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(3)));
+        http.enforce_http(false);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // Find a dead broker connection quickly instead of waiting for TCP.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(true)
+            .http2_initial_stream_window_size(1 << 20)
+            .http2_initial_connection_window_size(4 << 20)
+            .http2_adaptive_window(false)
+            .pool_idle_timeout(Duration::from_secs(300));
+        let client = builder.build(http.clone());
+        let probe_client = builder.build(http);
+        Self {
+            inner: Arc::new(ForwarderInner {
+                client,
+                probe_client,
+                target,
+                token,
+                member_list: member_list(advertise),
+            }),
+        }
+    }
+
+    fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let mut b = Uri::builder()
+            .scheme(self.inner.target.scheme.clone())
+            .authority(self.inner.target.authority.clone());
+        if let Some(pq) = pq {
+            b = b.path_and_query(pq.clone());
+        }
+        b.build()
+    }
+
+    /// Handles one call from the app.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ShimBody> {
+        let path = req.uri().path();
+        if path == "/etcdserverpb.Cluster/MemberList" {
+            return grpc::ok(self.inner.member_list.clone()).map(Either::Right);
+        }
+        let token = match self.inner.token.current() {
+            Ok(t) => t,
+            Err(why) => {
+                return grpc::error(
+                    grpc::Code::Unavailable,
+                    &format!("etcd-shim: no service-account token: {why}"),
+                )
+                .map(Either::Right);
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        parts.uri = match self.uri(parts.uri.path_and_query()) {
+            Ok(u) => u,
+            Err(e) => {
+                return grpc::error(grpc::Code::Unimplemented, &format!("bad path: {e}"))
+                    .map(Either::Right);
+            }
+        };
+        for h in APP_AUTH_HEADERS {
+            parts.headers.remove(*h);
+        }
+        parts.headers.remove(http::header::HOST);
+        parts.headers.insert(http::header::AUTHORIZATION, token);
+        match self
+            .inner
+            .client
+            .request(Request::from_parts(parts, body))
+            .await
+        {
+            Ok(resp) => resp.map(Either::Left),
+            Err(e) => {
+                tracing::warn!(error = %e, broker = %self.inner.target.authority, "broker call failed");
+                grpc::error(
+                    grpc::Code::Unavailable,
+                    &format!("etcd-shim: broker unavailable: {}", error_chain(&e)),
+                )
+                .map(Either::Right)
+            }
+        }
+    }
+
+    /// Asks the broker's gRPC health service whether it serves, with the pod's token.
+    pub async fn probe(&self) -> Result<(), String> {
+        let token = self.inner.token.current().map_err(|e| e.to_string())?;
+        let uri = self
+            .uri(Some(&PathAndQuery::from_static(
+                "/grpc.health.v1.Health/Check",
+            )))
+            .map_err(|e| e.to_string())?;
+        // An empty HealthCheckRequest (service "") is a zero-length message.
+        let req = Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .header(http::header::AUTHORIZATION, token)
+            .body(Full::new(grpc::frame(&[])))
+            .map_err(|e| e.to_string())?;
+        let resp =
+            tokio::time::timeout(Duration::from_secs(3), self.inner.probe_client.request(req))
+                .await
+                .map_err(|_| "broker did not answer within 3s".to_string())?
+                .map_err(|e| format!("broker unreachable: {}", error_chain(&e)))?;
+        if let Some(code) = grpc::status_of(resp.headers()) {
+            return if code == 0 {
+                Ok(())
+            } else {
+                Err(format!("broker health: grpc-status {code}"))
+            };
+        }
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("broker health: {e}"))?;
+        match collected.trailers().and_then(grpc::status_of) {
+            Some(0) => Ok(()),
+            other => Err(format!("broker health: grpc-status {other:?}")),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The framed MemberList response: the shim is the whole cluster, at its own address,
+/// so clients that sync endpoints keep calling it.
+fn member_list(advertise: SocketAddr) -> Bytes {
+    use etcd_client::proto::{PbMember, PbMemberListResponse, PbResponseHeader};
+    let ip = if advertise.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        advertise.ip()
+    };
+    let url = format!("http://{}", SocketAddr::new(ip, advertise.port()));
+    let resp = PbMemberListResponse {
+        header: Some(PbResponseHeader {
+            cluster_id: etcd_shim_core::ids::CLUSTER_ID,
+            member_id: etcd_shim_core::ids::MEMBER_ID,
+            revision: 0,
+            raft_term: etcd_shim_core::ids::RAFT_TERM,
+        }),
+        members: vec![PbMember {
+            id: etcd_shim_core::ids::MEMBER_ID,
+            name: "etcd-shim".into(),
+            peer_ur_ls: Vec::new(),
+            client_ur_ls: vec![url],
+            is_learner: false,
+        }],
+    };
+    grpc::frame(&resp.encode_to_vec())
+}
+
+/// Serves the etcd API on `listener` until shutdown starts; connections then get a
+/// GOAWAY and are tracked so the caller can drain them.
+pub async fn serve(listener: TcpListener, forwarder: Forwarder, shutdown: Shutdown) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "shim listening");
+    }
+    let token = shutdown.token();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = token.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let forwarder = forwarder.clone();
+        let token = token.clone();
+        shutdown.tracker().spawn(async move {
+            let svc = service_fn(move |req| {
+                let f = forwarder.clone();
+                async move { Ok::<_, Infallible>(f.handle(req).await) }
+            });
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(u32::MAX)
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20);
+            let io = TokioIo::new(authority::AuthorityFix::new(stream));
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                }
+                _ = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
