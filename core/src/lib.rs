@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod logging;
 pub mod shutdown;
+pub mod tls;
 
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

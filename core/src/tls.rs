@@ -1,0 +1,1125 @@
+//! Server TLS material with hot reload. A certificate chain, its private key and an optional
+//! client CA bundle are read from PEM files, validated, and turned into a
+//! `rustls::ServerConfig` that is published on a `tokio::sync::watch` channel: every new
+//! connection takes the latest one, and material that fails validation never replaces
+//! material that works.
+//!
+//! Kubernetes Secret volumes update by swapping a `..data` symlink inside the mount
+//! directory, so the files' directories are watched (not the files, whose inodes never
+//! change), events are debounced, and a periodic re-check covers file systems that send no
+//! events at all.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// Why TLS material could not be loaded. Messages name the file so an operator can act,
+/// and include the underlying error (no `source` chain, so it is printed once).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: no PEM certificate found", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: invalid PEM: {error}", path.display())]
+    Pem {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: unusable private key: {error}", path.display())]
+    Key { path: PathBuf, error: rustls::Error },
+    #[error("private key {} does not match certificate {}", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{}: cannot read the certificate's validity: {reason}", path.display())]
+    Validity { path: PathBuf, reason: &'static str },
+    #[error("{}: certificate expired at {}", path.display(), format_unix(*not_after))]
+    Expired { path: PathBuf, not_after: i64 },
+    #[error("{}: client CA bundle: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
+    #[error("building the TLS configuration: {0}")]
+    Config(rustls::Error),
+    #[error("the files kept changing while being read")]
+    Unstable,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where the serving material lives and how connections negotiate.
+#[derive(Clone, Debug)]
+pub struct ServerTlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the leaf certificate.
+    pub key: PathBuf,
+    /// PEM bundle of CAs that client certificates must chain to. When set, clients must
+    /// present a certificate; when unset, no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// ALPN protocols offered, in preference order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl ServerTlsFiles {
+    /// Certificate and key without client authentication, offering `h2` then `http/1.1`.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        }
+    }
+
+    pub fn with_client_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(path.into());
+        self
+    }
+
+    pub fn with_alpn(mut self, protocols: &[&[u8]]) -> Self {
+        self.alpn = protocols.iter().map(|p| p.to_vec()).collect();
+        self
+    }
+
+    /// Every file this configuration reads.
+    fn paths(&self) -> impl Iterator<Item = &Path> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+    }
+}
+
+/// One validated set of serving material.
+pub struct ServerTls {
+    /// What connections are accepted with.
+    config: Arc<ServerConfig>,
+    /// The leaf certificate, so callers and tests can tell which material is in force.
+    leaf: CertificateDer<'static>,
+    /// The leaf's notAfter, for expiry metrics and alerts.
+    not_after: i64,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("not_after", &format_unix(self.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
+
+    pub fn leaf_certificate(&self) -> &CertificateDer<'static> {
+        &self.leaf
+    }
+
+    /// The leaf certificate's notAfter as unix seconds.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after
+    }
+}
+
+/// Reads and validates the files once.
+pub fn load(files: &ServerTlsFiles) -> Result<ServerTls> {
+    build(files, &read_stable(files)?, unix_now())
+}
+
+/// Raw file contents, read together.
+struct RawFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl RawFiles {
+    /// Identifies the contents without keeping another copy of the private key around.
+    fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.cert.hash(&mut h);
+        self.key.hash(&mut h);
+        self.client_ca.hash(&mut h);
+        h.finish()
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| Error::Read {
+        path: path.to_owned(),
+        error,
+    })
+}
+
+fn read_once(files: &ServerTlsFiles) -> Result<RawFiles> {
+    Ok(RawFiles {
+        cert: read_file(&files.cert)?,
+        key: read_file(&files.key)?,
+        client_ca: files.client_ca.as_deref().map(read_file).transpose()?,
+    })
+}
+
+/// Reads until two passes agree. Certificate and key are separate files, so a read that
+/// straddles an update could pair an old certificate with a new key; the symlink swap is
+/// atomic, so two identical passes mean one consistent version.
+fn read_stable(files: &ServerTlsFiles) -> Result<RawFiles> {
+    let mut previous = read_once(files)?;
+    for _ in 0..5 {
+        let current = read_once(files)?;
+        if current.fingerprint() == previous.fingerprint() {
+            return Ok(current);
+        }
+        previous = current;
+    }
+    Err(Error::Unstable)
+}
+
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| Error::Pem {
+            path: path.to_owned(),
+            error,
+        })?;
+    if certs.is_empty() {
+        return Err(Error::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn build(files: &ServerTlsFiles, raw: &RawFiles, now: i64) -> Result<ServerTls> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = parse_certs(&files.cert, &raw.cert)?;
+    let leaf = chain[0].clone();
+    let not_after = cert_not_after(&leaf).map_err(|reason| Error::Validity {
+        path: files.cert.clone(),
+        reason,
+    })?;
+    if not_after <= now {
+        return Err(Error::Expired {
+            path: files.cert.clone(),
+            not_after,
+        });
+    }
+
+    let key_der = PrivateKeyDer::from_pem_slice(&raw.key).map_err(|error| Error::Pem {
+        path: files.key.clone(),
+        error,
+    })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|error| Error::Key {
+            path: files.key.clone(),
+            error,
+        })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => {}
+        // Every key type the ring provider loads can report its public key, so this only
+        // happens with exotic keys; rustls itself accepts them, and so do we.
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            tracing::warn!(key = %files.key.display(), "cannot check that the private key matches the certificate");
+        }
+        Err(_) => {
+            return Err(Error::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            });
+        }
+    }
+
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(Error::Config)?;
+    let builder = match (&files.client_ca, &raw.client_ca) {
+        (Some(path), Some(pem)) => {
+            builder.with_client_cert_verifier(client_verifier(path, pem, &provider)?)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.alpn_protocols = files.alpn.clone();
+    Ok(ServerTls {
+        config: Arc::new(config),
+        leaf,
+        not_after,
+    })
+}
+
+fn client_verifier(
+    path: &Path,
+    pem: &[u8],
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs(path, pem)? {
+        roots.add(cert).map_err(|e| Error::ClientCa {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::ClientCa {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// What a reload attempt did, for callers that count reloads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// New material is in force.
+    Reloaded { not_after: i64 },
+    /// New material was broken; the previous material stays in force.
+    Rejected { error: String },
+}
+
+/// Called after every reload attempt that found changed files.
+pub type ReloadHook = Arc<dyn Fn(&ReloadOutcome) + Send + Sync>;
+
+/// How the reloader reacts to changes.
+#[derive(Clone)]
+pub struct ReloadOptions {
+    /// Quiet time after the last file event before the files are read, so one Secret
+    /// update (several events) causes one reload.
+    pub debounce: Duration,
+    /// Re-read this often even without events (file systems without inotify, missed events).
+    pub recheck_every: Duration,
+    /// Watch the files' directories for changes. Off means periodic re-checks only.
+    pub watch_files: bool,
+    /// Optional observer, e.g. to feed Prometheus counters.
+    pub on_reload: Option<ReloadHook>,
+}
+
+impl Default for ReloadOptions {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(250),
+            recheck_every: Duration::from_secs(60),
+            watch_files: true,
+            on_reload: None,
+        }
+    }
+}
+
+impl fmt::Debug for ReloadOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadOptions")
+            .field("debounce", &self.debounce)
+            .field("recheck_every", &self.recheck_every)
+            .field("watch_files", &self.watch_files)
+            .field("on_reload", &self.on_reload.is_some())
+            .finish()
+    }
+}
+
+/// Reload counts, readable at any time (metrics collectors, tests).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Reloads that put new material in force (the initial load is not counted).
+    ok: AtomicU64,
+    /// Changed material that was rejected.
+    errors: AtomicU64,
+    /// notAfter of the certificate in force, unix seconds.
+    not_after: AtomicI64,
+}
+
+impl ReloadStats {
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// notAfter of the certificate in force, unix seconds.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
+    }
+}
+
+/// Hands out acceptors built from the latest good material. Cheap to clone; servers keep
+/// one and call [`TlsAcceptorSource::acceptor`] per connection.
+#[derive(Clone, Debug)]
+pub struct TlsAcceptorSource {
+    /// Always holds validated material; only the reloader sends.
+    current: watch::Receiver<Arc<ServerTls>>,
+    /// Shared with the reloader, which updates it.
+    stats: Arc<ReloadStats>,
+}
+
+impl TlsAcceptorSource {
+    /// Material that never changes (tests, one-off tools).
+    pub fn fixed(tls: ServerTls) -> Self {
+        let stats = ReloadStats::default();
+        stats.not_after.store(tls.not_after, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(Arc::new(tls));
+        // The receiver keeps the last value after the sender is gone.
+        drop(tx);
+        Self {
+            current: rx,
+            stats: Arc::new(stats),
+        }
+    }
+
+    /// Loads the files now (failing if they are not usable) and keeps them current in a
+    /// background task until `stop` is cancelled or every clone of the source is dropped.
+    /// Must be called within a Tokio runtime.
+    pub fn start(
+        files: ServerTlsFiles,
+        options: ReloadOptions,
+        stop: CancellationToken,
+    ) -> Result<Self> {
+        // Watch before the first read, so a change landing right after it still wakes
+        // the reloader.
+        let (event_tx, events) = mpsc::channel::<()>(1);
+        let watcher = if options.watch_files {
+            watch_dirs(&files, event_tx)
+        } else {
+            None
+        };
+        let raw = read_stable(&files)?;
+        let tls = build(&files, &raw, unix_now())?;
+        let stats = Arc::new(ReloadStats::default());
+        stats.not_after.store(tls.not_after, Ordering::Relaxed);
+        tracing::info!(
+            cert = %files.cert.display(),
+            not_after = %format_unix(tls.not_after),
+            "serving certificate loaded"
+        );
+        let (tx, rx) = watch::channel(Arc::new(tls));
+        let reloader = Reloader {
+            files,
+            options,
+            tx,
+            stats: stats.clone(),
+            last_seen: raw.fingerprint(),
+        };
+        tokio::spawn(reloader.run(events, watcher, stop));
+        Ok(Self { current: rx, stats })
+    }
+
+    /// The material in force.
+    pub fn current(&self) -> Arc<ServerTls> {
+        self.current.borrow().clone()
+    }
+
+    /// An acceptor for one new connection, using the latest good configuration.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current().config.clone())
+    }
+
+    pub fn stats(&self) -> &Arc<ReloadStats> {
+        &self.stats
+    }
+
+    /// A receiver that wakes up whenever new material is put in force.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ServerTls>> {
+        self.current.clone()
+    }
+}
+
+/// Background task state.
+struct Reloader {
+    files: ServerTlsFiles,
+    options: ReloadOptions,
+    /// Publishes validated material; its receivers are the sources handed out.
+    tx: watch::Sender<Arc<ServerTls>>,
+    stats: Arc<ReloadStats>,
+    /// Fingerprint of the last contents tried, good or bad, so unchanged files are neither
+    /// reloaded nor reported again on every periodic re-check.
+    last_seen: u64,
+}
+
+impl Reloader {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<()>,
+        // Kept alive for as long as the task runs; dropping it stops the watch.
+        _watcher: Option<notify::RecommendedWatcher>,
+        stop: CancellationToken,
+    ) {
+        let mut recheck = tokio::time::interval(self.options.recheck_every);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick fires immediately; the files were just read.
+        recheck.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.tx.closed() => return,
+                Some(()) = events.recv() => {
+                    // One Secret update is several events: let them all land, then read
+                    // once. A fixed wait (not "until quiet") stays bounded even when
+                    // something else in the directory changes all the time.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(self.options.debounce) => {}
+                    }
+                    while events.try_recv().is_ok() {}
+                }
+                _ = recheck.tick() => self.warn_if_expired(),
+            }
+            self.reload().await;
+        }
+    }
+
+    async fn reload(&mut self) {
+        let files = self.files.clone();
+        let raw = match tokio::task::spawn_blocking(move || read_stable(&files)).await {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(e)) => {
+                // Missing files are normal for a moment during some update schemes; the
+                // next event or re-check tries again, and the old material stays.
+                tracing::warn!(error = %e, "cannot read TLS material; keeping the current certificate");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload task failed");
+                return;
+            }
+        };
+        let fingerprint = raw.fingerprint();
+        if fingerprint == self.last_seen {
+            tracing::debug!(cert = %self.files.cert.display(), "TLS files unchanged");
+            return;
+        }
+        self.last_seen = fingerprint;
+        let outcome = match build(&self.files, &raw, unix_now()) {
+            Ok(tls) => {
+                let not_after = tls.not_after;
+                self.stats.not_after.store(not_after, Ordering::Relaxed);
+                self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                self.tx.send_replace(Arc::new(tls));
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    not_after = %format_unix(not_after),
+                    "new serving certificate in force"
+                );
+                ReloadOutcome::Reloaded { not_after }
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error = %e,
+                    "rejected new TLS material; the previous certificate stays in force"
+                );
+                ReloadOutcome::Rejected {
+                    error: e.to_string(),
+                }
+            }
+        };
+        if let Some(hook) = &self.options.on_reload {
+            hook(&outcome);
+        }
+    }
+
+    fn warn_if_expired(&self) {
+        let not_after = self.stats.not_after_unix();
+        if not_after <= unix_now() {
+            tracing::error!(
+                cert = %self.files.cert.display(),
+                not_after = %format_unix(not_after),
+                "the serving certificate in force has expired and no valid replacement was found"
+            );
+        }
+    }
+}
+
+/// Watches the directories holding the files (and, for symlinked paths, the directories
+/// they resolve to). Returns `None` when watching is impossible; the periodic re-check
+/// still picks up changes then.
+fn watch_dirs(
+    files: &ServerTlsFiles,
+    events: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::event::{AccessKind, AccessMode};
+    use notify::{EventKind, RecursiveMode, Watcher};
+
+    let handler = move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        // Our own reads produce open/close events in the same directory; reacting to them
+        // would re-read forever.
+        if let EventKind::Access(kind) = event.kind
+            && kind != AccessKind::Close(AccessMode::Write)
+        {
+            return;
+        }
+        // A full channel already holds a pending wake-up, which is all that matters.
+        let _ = events.try_send(());
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch TLS files; relying on periodic re-checks");
+            return None;
+        }
+    };
+    let mut dirs = BTreeSet::new();
+    for path in files.paths() {
+        let Some(parent) = parent_dir(path) else {
+            continue;
+        };
+        // A path that resolves into another directory (a symlink to a file elsewhere) may
+        // change there, so that directory is watched too. A Secret volume's targets live
+        // in versioned subdirectories of the mount, which come and go; the mount itself
+        // already sees the `..data` swap.
+        if let (Ok(resolved), Ok(real_parent)) =
+            (std::fs::canonicalize(path), std::fs::canonicalize(&parent))
+            && let Some(target_dir) = parent_dir(&resolved)
+            && !target_dir.starts_with(&real_parent)
+        {
+            dirs.insert(target_dir);
+        }
+        dirs.insert(parent);
+    }
+    for dir in dirs {
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; relying on periodic re-checks");
+        }
+    }
+    Some(watcher)
+}
+
+fn parent_dir(path: &Path) -> Option<PathBuf> {
+    match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Some(PathBuf::from(".")),
+        Some(p) => Some(p.to_owned()),
+        None => None,
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The notAfter of a DER certificate, as unix seconds. Only the few fields in front of
+/// `validity` are walked; signature checks are the peer's business.
+fn cert_not_after(der: &[u8]) -> Result<i64, &'static str> {
+    const SEQUENCE: u8 = 0x30;
+    const VERSION: u8 = 0xa0;
+    let (tag, cert, _) = der_element(der).ok_or("truncated certificate")?;
+    if tag != SEQUENCE {
+        return Err("certificate is not a DER sequence");
+    }
+    let (tag, tbs, _) = der_element(cert).ok_or("truncated tbsCertificate")?;
+    if tag != SEQUENCE {
+        return Err("tbsCertificate is not a DER sequence");
+    }
+    let mut fields = tbs;
+    let mut next = || {
+        let (tag, contents, rest) = der_element(fields).ok_or("truncated tbsCertificate")?;
+        fields = rest;
+        Ok::<_, &'static str>((tag, contents))
+    };
+    // version [0] is optional; serialNumber follows it.
+    if next()?.0 == VERSION {
+        next()?;
+    }
+    next()?; // signature AlgorithmIdentifier
+    next()?; // issuer
+    let (tag, validity) = next()?;
+    if tag != SEQUENCE {
+        return Err("validity is not a DER sequence");
+    }
+    let (_, _, rest) = der_element(validity).ok_or("truncated notBefore")?;
+    let (tag, time, _) = der_element(rest).ok_or("truncated notAfter")?;
+    parse_asn1_time(tag, time)
+}
+
+/// Splits one DER element into tag, contents and the bytes after it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+fn parse_asn1_time(tag: u8, text: &[u8]) -> Result<i64, &'static str> {
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+    let digits = |s: &[u8]| -> Result<i64, &'static str> {
+        s.iter().try_fold(0i64, |acc, &b| {
+            if b.is_ascii_digit() {
+                Ok(acc * 10 + i64::from(b - b'0'))
+            } else {
+                Err("malformed certificate time")
+            }
+        })
+    };
+    let (year, rest) = match (tag, text.len()) {
+        (UTC_TIME, 13) => {
+            let yy = digits(&text[..2])?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
+        }
+        (GENERALIZED_TIME, 15) => (digits(&text[..4])?, &text[4..]),
+        _ => return Err("unsupported certificate time format"),
+    };
+    if rest[10] != b'Z' {
+        return Err("certificate time is not UTC");
+    }
+    let (month, day) = (digits(&rest[0..2])?, digits(&rest[2..4])?);
+    let (hour, min, sec) = (
+        digits(&rest[4..6])?,
+        digits(&rest[6..8])?,
+        digits(&rest[8..10])?,
+    );
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return Err("certificate time out of range");
+    }
+    Ok(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for log lines and error messages.
+pub fn format_unix(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Inverse of days_from_civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, Issuer, KeyPair, date_time_ymd};
+    use std::fs;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A CA plus a way to mint leaf certificates from it.
+    struct TestCa {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            Self {
+                pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// Returns (cert PEM, key PEM, notAfter unix seconds).
+        fn leaf(&self, expires: (i32, u8, u8)) -> (String, String, i64) {
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.not_before = date_time_ymd(2019, 1, 1);
+            params.not_after = date_time_ymd(expires.0, expires.1, expires.2);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (
+                cert.pem(),
+                key.serialize_pem(),
+                params.not_after.unix_timestamp(),
+            )
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn loads_valid_material_and_reads_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (cert, key, not_after) = ca.leaf((2090, 3, 4));
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", &cert),
+            write(dir.path(), "tls.key", &key),
+        )
+        .with_client_ca(write(dir.path(), "ca.crt", &ca.pem));
+        let tls = load(&files).expect("valid material loads");
+        assert_eq!(tls.not_after_unix(), not_after);
+        assert_eq!(format_unix(not_after), "2090-03-04T00:00:00Z");
+        assert_eq!(
+            tls.config().alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let expected = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(tls.leaf_certificate(), &expected);
+    }
+
+    #[test]
+    fn rejects_key_of_another_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (cert, _, _) = ca.leaf((2090, 1, 1));
+        let (_, other_key, _) = ca.leaf((2090, 1, 1));
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", &cert),
+            write(dir.path(), "tls.key", &other_key),
+        );
+        let err = load(&files).unwrap_err();
+        assert!(matches!(err, Error::KeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn rejects_expired_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (cert, key, _) = ca.leaf((2020, 1, 1));
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", &cert),
+            write(dir.path(), "tls.key", &key),
+        );
+        let err = load(&files).unwrap_err();
+        assert!(matches!(err, Error::Expired { .. }), "{err}");
+        assert!(
+            err.to_string().contains("expired at 2020-01-01T00:00:00Z"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", "not a certificate"),
+            write(dir.path(), "tls.key", "not a key"),
+        );
+        assert!(matches!(load(&files), Err(Error::NoCertificate { .. })));
+        let files =
+            ServerTlsFiles::new(dir.path().join("absent.crt"), dir.path().join("absent.key"));
+        assert!(matches!(load(&files), Err(Error::Read { .. })));
+    }
+
+    #[test]
+    fn asn1_times_convert_to_unix_seconds() {
+        assert_eq!(parse_asn1_time(0x17, b"700101000000Z"), Ok(0));
+        assert_eq!(parse_asn1_time(0x17, b"491231235959Z"), Ok(2_524_607_999));
+        assert_eq!(parse_asn1_time(0x18, b"20000301000000Z"), Ok(951_868_800));
+        assert!(parse_asn1_time(0x18, b"20001301000000Z").is_err());
+        assert!(parse_asn1_time(0x17, b"700101000000+0100").is_err());
+        assert_eq!(format_unix(951_868_800), "2000-03-01T00:00:00Z");
+        assert_eq!(format_unix(-1), "1969-12-31T23:59:59Z");
+    }
+
+    /// A directory laid out like a Kubernetes Secret volume: versioned directories, a
+    /// `..data` symlink to the current one, and top-level symlinks through `..data`.
+    struct SecretVolume {
+        root: tempfile::TempDir,
+        version: u32,
+    }
+
+    impl SecretVolume {
+        fn new(cert: &str, key: &str) -> Self {
+            let mut v = Self {
+                root: tempfile::tempdir().unwrap(),
+                version: 0,
+            };
+            v.publish(cert, key);
+            for name in ["tls.crt", "tls.key"] {
+                std::os::unix::fs::symlink(format!("..data/{name}"), v.root.path().join(name))
+                    .unwrap();
+            }
+            v
+        }
+
+        /// Writes a new version and swaps `..data` with one rename, as the kubelet does.
+        fn publish(&mut self, cert: &str, key: &str) {
+            self.version += 1;
+            let dir_name = format!("..2025_01_01_00_00_{:02}.{}", self.version, self.version);
+            let dir = self.root.path().join(&dir_name);
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join("tls.crt"), cert).unwrap();
+            fs::write(dir.join("tls.key"), key).unwrap();
+            let tmp = self.root.path().join("..data_tmp");
+            std::os::unix::fs::symlink(&dir_name, &tmp).unwrap();
+            fs::rename(&tmp, self.root.path().join("..data")).unwrap();
+        }
+
+        fn files(&self) -> ServerTlsFiles {
+            ServerTlsFiles::new(
+                self.root.path().join("tls.crt"),
+                self.root.path().join("tls.key"),
+            )
+        }
+    }
+
+    /// Polls `cond` every 20 ms for up to 10 s.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    /// Completes a TLS handshake against `source` and returns the leaf the server presented.
+    async fn served_leaf(source: &TlsAcceptorSource, ca_pem: &str) -> CertificateDer<'static> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = source.acceptor();
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(server_io).await.unwrap();
+            tls.write_all(b"ok").await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, client_io).await.unwrap();
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await.unwrap();
+        assert_eq!(buf, b"ok");
+        server.await.unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    }
+
+    fn recording_hook() -> (ReloadHook, Arc<std::sync::Mutex<Vec<ReloadOutcome>>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let hook: ReloadHook =
+            Arc::new(move |o: &ReloadOutcome| sink.lock().unwrap().push(o.clone()));
+        (hook, seen)
+    }
+
+    #[tokio::test]
+    async fn symlink_swap_is_picked_up_and_served() {
+        let ca = TestCa::new();
+        let (cert1, key1, not_after1) = ca.leaf((2090, 1, 1));
+        let (cert2, key2, not_after2) = ca.leaf((2091, 1, 1));
+        let mut volume = SecretVolume::new(&cert1, &key1);
+        let stop = CancellationToken::new();
+        let (hook, seen) = recording_hook();
+        let options = ReloadOptions {
+            debounce: Duration::from_millis(50),
+            on_reload: Some(hook),
+            ..ReloadOptions::default()
+        };
+        let source = TlsAcceptorSource::start(volume.files(), options, stop.clone()).unwrap();
+        assert_eq!(source.current().not_after_unix(), not_after1);
+        let leaf1 = CertificateDer::from_pem_slice(cert1.as_bytes()).unwrap();
+        assert_eq!(served_leaf(&source, &ca.pem).await, leaf1);
+
+        volume.publish(&cert2, &key2);
+        eventually("the new certificate is in force", || {
+            source.current().not_after_unix() == not_after2
+        })
+        .await;
+        let leaf2 = CertificateDer::from_pem_slice(cert2.as_bytes()).unwrap();
+        assert_eq!(served_leaf(&source, &ca.pem).await, leaf2);
+        assert_eq!(source.stats().ok(), 1);
+        assert_eq!(source.stats().errors(), 0);
+        assert_eq!(source.stats().not_after_unix(), not_after2);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![ReloadOutcome::Reloaded {
+                not_after: not_after2
+            }]
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn broken_replacement_keeps_the_old_material() {
+        let ca = TestCa::new();
+        let (cert1, key1, not_after1) = ca.leaf((2090, 1, 1));
+        let (cert2, _, _) = ca.leaf((2091, 1, 1));
+        let (expired, expired_key, _) = ca.leaf((2020, 6, 1));
+        let (cert3, key3, not_after3) = ca.leaf((2092, 1, 1));
+        let mut volume = SecretVolume::new(&cert1, &key1);
+        let stop = CancellationToken::new();
+        let (hook, seen) = recording_hook();
+        let options = ReloadOptions {
+            debounce: Duration::from_millis(50),
+            on_reload: Some(hook),
+            ..ReloadOptions::default()
+        };
+        let source = TlsAcceptorSource::start(volume.files(), options, stop.clone()).unwrap();
+
+        // A certificate paired with the wrong key.
+        volume.publish(&cert2, &key1);
+        eventually("the mismatched pair is rejected", || {
+            source.stats().errors() == 1
+        })
+        .await;
+        // An expired certificate with its own key.
+        volume.publish(&expired, &expired_key);
+        eventually("the expired certificate is rejected", || {
+            source.stats().errors() == 2
+        })
+        .await;
+        assert_eq!(source.current().not_after_unix(), not_after1);
+        assert_eq!(source.stats().ok(), 0);
+        let leaf1 = CertificateDer::from_pem_slice(cert1.as_bytes()).unwrap();
+        assert_eq!(served_leaf(&source, &ca.pem).await, leaf1);
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.len(), 2);
+            assert!(
+                matches!(&seen[0], ReloadOutcome::Rejected { error } if error.contains("does not match")),
+                "{seen:?}"
+            );
+            assert!(
+                matches!(&seen[1], ReloadOutcome::Rejected { error } if error.contains("expired")),
+                "{seen:?}"
+            );
+        }
+
+        // A good replacement after the broken ones still goes through.
+        volume.publish(&cert3, &key3);
+        eventually("the good replacement is in force", || {
+            source.current().not_after_unix() == not_after3
+        })
+        .await;
+        assert_eq!(source.stats().ok(), 1);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn files_symlinked_from_another_directory_are_watched_there() {
+        let ca = TestCa::new();
+        let (cert1, key1, _) = ca.leaf((2090, 1, 1));
+        let (cert2, key2, not_after2) = ca.leaf((2091, 1, 1));
+        let links = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let cert = write(store.path(), "tls.crt", &cert1);
+        let key = write(store.path(), "tls.key", &key1);
+        std::os::unix::fs::symlink(&cert, links.path().join("tls.crt")).unwrap();
+        std::os::unix::fs::symlink(&key, links.path().join("tls.key")).unwrap();
+        let stop = CancellationToken::new();
+        let options = ReloadOptions {
+            debounce: Duration::from_millis(50),
+            ..ReloadOptions::default()
+        };
+        let files = ServerTlsFiles::new(links.path().join("tls.crt"), links.path().join("tls.key"));
+        let source = TlsAcceptorSource::start(files, options, stop.clone()).unwrap();
+        // Only the store directory sees these renames.
+        write(store.path(), "new.crt", &cert2);
+        write(store.path(), "new.key", &key2);
+        fs::rename(store.path().join("new.key"), &key).unwrap();
+        fs::rename(store.path().join("new.crt"), &cert).unwrap();
+        eventually("the change in the link target's directory is seen", || {
+            source.current().not_after_unix() == not_after2
+        })
+        .await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn periodic_recheck_works_without_events() {
+        // Without file events (watching off, as on file systems that send none) a change
+        // must still be found by the periodic re-check.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (cert1, key1, _) = ca.leaf((2090, 1, 1));
+        let (cert2, key2, not_after2) = ca.leaf((2091, 1, 1));
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", &cert1),
+            write(dir.path(), "tls.key", &key1),
+        );
+        let stop = CancellationToken::new();
+        let options = ReloadOptions {
+            debounce: Duration::from_millis(10),
+            recheck_every: Duration::from_millis(100),
+            watch_files: false,
+            on_reload: None,
+        };
+        let source = TlsAcceptorSource::start(files.clone(), options, stop.clone()).unwrap();
+        // Write both files to a side name and rename, so no half-written file is read.
+        write(dir.path(), "new.crt", &cert2);
+        write(dir.path(), "new.key", &key2);
+        fs::rename(dir.path().join("new.key"), &files.key).unwrap();
+        fs::rename(dir.path().join("new.crt"), &files.cert).unwrap();
+        eventually("the periodic re-check finds the change", || {
+            source.current().not_after_unix() == not_after2
+        })
+        .await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn fixed_source_serves_its_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (cert, key, not_after) = ca.leaf((2090, 1, 1));
+        let files = ServerTlsFiles::new(
+            write(dir.path(), "tls.crt", &cert),
+            write(dir.path(), "tls.key", &key),
+        );
+        let source = TlsAcceptorSource::fixed(load(&files).unwrap());
+        assert_eq!(source.stats().not_after_unix(), not_after);
+        let leaf = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(served_leaf(&source, &ca.pem).await, leaf);
+    }
+}
