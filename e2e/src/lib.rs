@@ -1,1 +1,355 @@
-//! Test harness shared by the end-to-end tests.
+//! Harness for the end-to-end tests: real etcd, broker and shim processes; a pod is a
+//! network namespace whose loopback the shim and its client share, with a veth pair to
+//! reach the broker outside.
+//!
+//! Every process gets its own ports or namespace, so tests run in parallel. Waits are
+//! bounded polls, never fixed sleeps.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Directory of the workspace's binaries: the tests live in `target/<profile>/deps`.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("ETCD_SHIM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear message when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (`cargo build --bins`; scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// A port that was free a moment ago. Processes that cannot take a port as 0 need one.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// Polls `f` until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A child process killed when dropped; its output goes to a log file that is printed
+/// when a test fails.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for exit (bounded), then SIGKILL.
+    pub fn stop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("----- last lines of {} -----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A single-member etcd on loopback with its data in a temporary directory.
+pub struct Etcd {
+    pub url: String,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts etcd with extra flags; retries with new ports if one was taken meanwhile.
+    pub fn start_with(extra: &[&str]) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir()?;
+            let (client, peer) = (free_port(), free_port());
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", "e2e", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                ])
+                .args(["--initial-cluster", &format!("e2e={peer_url}")])
+                .args(["--logger", "zap", "--log-outputs", "stderr"])
+                .args(extra);
+            let mut proc = Proc::spawn("etcd", cmd, dir.path())?;
+            let ok = wait_for("etcd to serve", Duration::from_secs(20), || {
+                if !proc.is_running() {
+                    return Some(false);
+                }
+                http_get(&format!("127.0.0.1:{client}"), "/health")
+                    .ok()
+                    .filter(|(code, body)| *code == 200 && body.contains("true"))
+                    .map(|_| true)
+            });
+            match ok {
+                Ok(true) => {
+                    return Ok(Self {
+                        url,
+                        proc,
+                        _dir: dir,
+                    });
+                }
+                Ok(false) => last = Some(anyhow!("etcd exited early: {}", proc.log())),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("etcd did not start")))
+    }
+
+    /// etcdctl against etcd itself (the cluster admin's view).
+    pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url])
+            .args(args);
+        run_bounded(cmd, Duration::from_secs(30))
+    }
+}
+
+/// The broker in the root namespace, on every address so pods reach it over their veth.
+pub struct Broker {
+    pub port: u16,
+    pub admin_port: u16,
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Starts a broker for `etcd` that knows `tokens` as `(token, "<ns>/<sa>")`.
+    pub fn start(etcd_urls: &[&str], tokens: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(etcd_urls, tokens, &[])
+    }
+
+    pub fn start_with(etcd_urls: &[&str], tokens: &[(&str, &str)], extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let tokens_file = dir.path().join("tokens");
+        let mut f = File::create(&tokens_file)?;
+        for (t, who) in tokens {
+            writeln!(f, "{t} {who}")?;
+        }
+        let mut last = None;
+        for _ in 0..5 {
+            let (port, admin_port) = (free_port(), free_port());
+            let mut cmd = Command::new(bin("etcd-shim-broker"));
+            cmd.args(["--listen", &format!("0.0.0.0:{port}")])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+                .args(["--etcd-endpoints", &etcd_urls.join(",")])
+                .arg("--static-tokens-file")
+                .arg(&tokens_file)
+                .args(extra)
+                .env("RUST_LOG", "info,etcd_shim_broker=debug");
+            let mut proc = Proc::spawn("broker", cmd, dir.path())?;
+            let ready = wait_for("broker to be ready", Duration::from_secs(20), || {
+                if !proc.is_running() {
+                    return Some(false);
+                }
+                http_get(&format!("127.0.0.1:{admin_port}"), "/ready")
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| true)
+            });
+            match ready {
+                Ok(true) => {
+                    return Ok(Self {
+                        port,
+                        admin_port,
+                        proc,
+                        dir,
+                    });
+                }
+                Ok(false) => last = Some(anyhow!("broker exited: {}", proc.log())),
+                Err(e) => last = Some(anyhow!("{e}: {}", proc.log())),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("broker did not start")))
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(&format!("127.0.0.1:{}", self.admin_port), "/metrics")?;
+        if code != 200 {
+            bail!("metrics: HTTP {code}");
+        }
+        Ok(body)
+    }
+}
+
+/// Runs a command with a deadline, killing it if it overruns.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let dir = tempfile::tempdir()?;
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path)?)
+        .stderr(File::create(&err_path)?)
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: std::fs::read(&out_path)?,
+        stderr: std::fs::read(&err_path)?,
+    })
+}
+
+/// A minimal HTTP/1.0 GET, enough for health and metrics endpoints.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP response: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+pub mod pod;
+pub use pod::Pod;
+
+/// Two tenants, each in its own pod with its own shim, one broker, one etcd.
+pub struct TwoTenants {
+    pub etcd: Etcd,
+    pub broker: Broker,
+    pub a: Pod,
+    pub b: Pod,
+}
+
+/// Tenant A's identity and where its keys live in etcd.
+pub const TENANT_A: &str = "team-a/app";
+pub const PREFIX_A: &str = "/etcd-shim/tenants/team-a/app/";
+pub const TENANT_B: &str = "team-b/app";
+pub const PREFIX_B: &str = "/etcd-shim/tenants/team-b/app/";
+
+impl TwoTenants {
+    pub fn start() -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let broker = Broker::start(
+            &[&etcd.url],
+            &[("token-a", TENANT_A), ("token-b", TENANT_B)],
+        )?;
+        let mut a = Pod::new()?;
+        a.start_shim(broker.port, "token-a")?;
+        let mut b = Pod::new()?;
+        b.start_shim(broker.port, "token-b")?;
+        Ok(Self { etcd, broker, a, b })
+    }
+}
