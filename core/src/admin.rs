@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
 
-const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Named readiness conditions. A component is ready when every registered condition holds.
 #[derive(Clone, Default)]
@@ -131,16 +132,66 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         "/metrics" => {
             let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-                Ok(()) => Response::builder()
-                    .header(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_default(),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
             }
+            // Scrapers that ask for OpenMetrics get it; everything else (older
+            // Prometheus, promtool, curl) gets the classic text format.
+            let wants_openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let (content_type, body) = if wants_openmetrics {
+                (OPENMETRICS_CONTENT_TYPE, body)
+            } else {
+                (PROMETHEUS_CONTENT_TYPE, to_prometheus_text(&body))
+            };
+            Response::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default()
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// Converts OpenMetrics text to the Prometheus 0.0.4 text format: counter families are
+/// declared under their `_total` sample name, `# EOF` and `# UNIT` are dropped, and types
+/// the old format lacks become `untyped` or `gauge`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            pending_help = Some((name, help));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
+                "counter" | "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                "info" | "stateset" => (name.to_owned(), "gauge"),
+                _ => (name.to_owned(), "untyped"),
+            };
+            if let Some((_, help)) = pending_help.take() {
+                out.push_str(&format!("# HELP {name} {help}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some((name, help)) = pending_help.take() {
+            out.push_str(&format!("# HELP {name} {help}\n"));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -172,5 +223,24 @@ mod tests {
         // Registering again must not reset a condition that already holds.
         r.register("broker");
         assert!(r.check().is_ok());
+    }
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+        let mut reg = Registry::default();
+        let c = Counter::<u64>::default();
+        c.inc_by(3);
+        reg.register("calls", "Calls made", c);
+        reg.register("open", "Open things", Gauge::<i64>::default());
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &reg).unwrap();
+        assert!(om.contains("# TYPE calls counter") && om.ends_with("# EOF\n"));
+        let text = to_prometheus_text(&om);
+        assert_eq!(
+            text,
+            "# HELP calls_total Calls made.\n# TYPE calls_total counter\ncalls_total 3\n\
+             # HELP open Open things.\n# TYPE open gauge\nopen 0\n"
+        );
     }
 }

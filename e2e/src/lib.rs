@@ -138,7 +138,9 @@ impl Drop for Proc {
 pub struct Etcd {
     pub url: String,
     pub proc: Proc,
-    _dir: tempfile::TempDir,
+    /// The exact command, to start it again on the same ports and data.
+    args: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -154,24 +156,34 @@ impl Etcd {
             let (client, peer) = (free_port(), free_port());
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
+            let data = dir.path().join("data").display().to_string();
+            let cluster = format!("e2e={peer_url}");
+            let mut args: Vec<String> = [
+                "--name",
+                "e2e",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &cluster,
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
             let mut cmd = Command::new("etcd");
-            cmd.args(["--name", "e2e", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args([
-                    "--listen-client-urls",
-                    &url,
-                    "--advertise-client-urls",
-                    &url,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &format!("e2e={peer_url}")])
-                .args(["--logger", "zap", "--log-outputs", "stderr"])
-                .args(extra);
+            cmd.args(&args);
             let mut proc = Proc::spawn("etcd", cmd, dir.path())?;
             let ok = wait_for("etcd to serve", Duration::from_secs(20), || {
                 if !proc.is_running() {
@@ -187,7 +199,8 @@ impl Etcd {
                     return Ok(Self {
                         url,
                         proc,
-                        _dir: dir,
+                        args,
+                        dir,
                     });
                 }
                 Ok(false) => last = Some(anyhow!("etcd exited early: {}", proc.log())),
@@ -195,6 +208,26 @@ impl Etcd {
             }
         }
         Err(last.unwrap_or_else(|| anyhow!("etcd did not start")))
+    }
+
+    /// Stops etcd (SIGTERM, as an operator would).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts etcd again on the same ports and data, and waits until it serves.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.stop();
+        let mut cmd = Command::new("etcd");
+        cmd.args(&self.args);
+        self.proc = Proc::spawn("etcd-restarted", cmd, self.dir.path())?;
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        wait_for("etcd to serve again", Duration::from_secs(20), || {
+            http_get(&addr, "/health")
+                .ok()
+                .filter(|(c, b)| *c == 200 && b.contains("true"))
+        })?;
+        Ok(())
     }
 
     /// etcdctl against etcd itself (the cluster admin's view).
@@ -324,6 +357,54 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
 
 pub mod pod;
 pub use pod::Pod;
+
+/// `promtool` from PATH or from the project's `.tools` (scripts/setup puts it there).
+pub fn promtool() -> PathBuf {
+    let local =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/prometheus/usr/bin/promtool");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("promtool")
+}
+
+/// Runs `promtool check metrics` over a scrape; returns its complaints, if any.
+pub fn promtool_check(scrape: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (scripts/setup installs it into .tools)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(scrape.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !complaints.trim().is_empty() {
+        bail!("promtool check metrics: {complaints}");
+    }
+    Ok(())
+}
+
+/// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as printed).
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
 
 /// Two tenants, each in its own pod with its own shim, one broker, one etcd.
 pub struct TwoTenants {

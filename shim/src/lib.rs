@@ -5,6 +5,7 @@
 
 pub mod authority;
 pub mod grpc;
+pub mod metrics;
 pub mod token;
 
 use std::convert::Infallible;
@@ -31,8 +32,8 @@ pub use token::TokenSource;
 /// What the app may have sent as credentials; the shim's own token replaces them.
 const APP_AUTH_HEADERS: &[&str] = &["authorization", "token"];
 
-/// The response body: the broker's, or one the shim made.
-pub type ShimBody = Either<Incoming, grpc::LocalBody>;
+/// The response body: the broker's or one the shim made, metered either way.
+pub type ShimBody = metrics::Metered<Either<Incoming, grpc::LocalBody>>;
 
 /// Where and how to reach the broker.
 #[derive(Clone, Debug)]
@@ -76,10 +77,16 @@ struct ForwarderInner {
     token: TokenSource,
     /// The MemberList answer, framed once: one member whose client URL is this shim.
     member_list: Bytes,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Forwarder {
-    pub fn new(target: BrokerTarget, token: TokenSource, advertise: SocketAddr) -> Self {
+    pub fn new(
+        target: BrokerTarget,
+        token: TokenSource,
+        advertise: SocketAddr,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(3)));
@@ -106,6 +113,7 @@ impl Forwarder {
                 target,
                 token,
                 member_list: member_list(advertise),
+                metrics,
             }),
         }
     }
@@ -120,8 +128,23 @@ impl Forwarder {
         b.build()
     }
 
-    /// Handles one call from the app.
+    /// Handles one call from the app, metered.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ShimBody> {
+        let mut call = self
+            .inner
+            .metrics
+            .start(metrics::Method::of_path(req.uri().path()));
+        let resp = self.forward(req).await;
+        // A trailers-only response carries its status in the headers.
+        call.observe(resp.headers());
+        resp.map(|body| metrics::Metered::new(body, call))
+    }
+
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.inner.metrics
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<Either<Incoming, grpc::LocalBody>> {
         let path = req.uri().path();
         if path == "/etcdserverpb.Cluster/MemberList" {
             return grpc::ok(self.inner.member_list.clone()).map(Either::Right);
@@ -157,6 +180,7 @@ impl Forwarder {
         {
             Ok(resp) => resp.map(Either::Left),
             Err(e) => {
+                self.inner.metrics.broker_errors.inc();
                 tracing::warn!(error = %e, broker = %self.inner.target.authority, "broker call failed");
                 grpc::error(
                     grpc::Code::Unavailable,
@@ -267,7 +291,13 @@ pub async fn serve(listener: TcpListener, forwarder: Forwarder, shutdown: Shutdo
         let _ = stream.set_nodelay(true);
         let forwarder = forwarder.clone();
         let token = token.clone();
+        let connections = forwarder.metrics().connections.clone();
+        connections.inc();
         shutdown.tracker().spawn(async move {
+            // Decrements however the task ends.
+            let _open = scopeguard(move || {
+                connections.dec();
+            });
             let svc = service_fn(move |req| {
                 let f = forwarder.clone();
                 async move { Ok::<_, Infallible>(f.handle(req).await) }
@@ -294,4 +324,17 @@ pub async fn serve(listener: TcpListener, forwarder: Forwarder, shutdown: Shutdo
             }
         });
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

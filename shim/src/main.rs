@@ -84,12 +84,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let advertise = listener.local_addr()?;
-    let forwarder = Forwarder::new(target, token.clone(), advertise);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = etcd_shim::metrics::Metrics::new(&mut registry);
+    let forwarder = Forwarder::new(target, token.clone(), advertise, metrics);
 
     let readiness = Readiness::new();
     readiness.register("token");
     readiness.register("broker");
-    let registry = prometheus_client::registry::Registry::default();
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding admin address {}", args.admin_listen))?;
