@@ -48,12 +48,19 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a call is not authenticated. Only logged and counted: the caller always sees
+/// etcd's "invalid auth token".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token")]
     Missing,
     #[error("unknown token")]
     Unknown,
+    /// The token was checked and refused (expired, wrong audience, not a service account).
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    /// The token could not be checked (API server unreachable or refusing the review):
+    /// the call is refused all the same, failing closed.
     #[error("token verification failed: {0}")]
     Backend(String),
 }

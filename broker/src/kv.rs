@@ -28,8 +28,8 @@ impl PbKvService for Broker {
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::range_request(&t.prefix, &mut r)?;
-            let mut resp: PbRangeResponse = self
-                .upstream()
+            let mut resp: PbRangeResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/Range", request_from(&md, r))
                 .await?
                 .into_inner();
@@ -65,8 +65,8 @@ impl PbKvService for Broker {
             if r.lease != 0 && !self.owns_lease(&t, r.lease).await? {
                 return Err(self.deny(Some(&t), "Put", EtcdError::LeaseNotFound));
             }
-            let mut resp: PbPutResponse = self
-                .upstream()
+            let mut resp: PbPutResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/Put", request_from(&md, r))
                 .await?
                 .into_inner();
@@ -90,8 +90,8 @@ impl PbKvService for Broker {
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::delete_request(&t.prefix, &mut r)?;
-            let mut resp: PbDeleteResponse = self
-                .upstream()
+            let mut resp: PbDeleteResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/DeleteRange", request_from(&md, r))
                 .await?
                 .into_inner();
@@ -120,8 +120,8 @@ impl PbKvService for Broker {
                     return Err(self.deny(Some(&t), "Txn", EtcdError::LeaseNotFound));
                 }
             }
-            let mut resp: PbTxnResponse = self
-                .upstream()
+            let mut resp: PbTxnResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/Txn", request_from(&md, r))
                 .await?
                 .into_inner();
@@ -151,8 +151,8 @@ impl PbKvService for Broker {
                 count_only: true,
                 ..Default::default()
             };
-            let mut resp: PbRangeResponse = self
-                .upstream()
+            let mut resp: PbRangeResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/Range", request_from(&md, probe))
                 .await?
                 .into_inner();
@@ -176,6 +176,6 @@ impl PbKvService for Broker {
 impl Broker {
     /// Whether the tenant owns the lease (false for leases of others and for missing ones).
     pub(crate) async fn owns_lease(&self, t: &crate::Tenant, id: i64) -> Result<bool, Status> {
-        self.inner.leases.owns(self.upstream(), t, id).await
+        self.inner.leases.owns(t, id).await
     }
 }

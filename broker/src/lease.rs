@@ -35,17 +35,17 @@ impl PbLeaseService for Broker {
             if r.id != 0 {
                 return Err(self.deny(Some(&t), "LeaseGrant", EtcdError::PermissionDenied));
             }
-            let mut resp: PbLeaseGrantResponse = self
-                .upstream()
+            let mut resp: PbLeaseGrantResponse = t
+                .upstream
                 .unary("/etcdserverpb.Lease/LeaseGrant", request_from(&md, r))
                 .await?
                 .into_inner();
             self.note(&resp.header);
-            if let Err(e) = self.inner.leases.record(self.upstream(), &t, resp.id).await {
+            if let Err(e) = self.inner.leases.record(&t, resp.id).await {
                 // Without its record the lease would be unusable: give it back.
                 let revoke = PbLeaseRevokeRequest { id: resp.id };
-                let _ = self
-                    .upstream()
+                let _ = t
+                    .upstream
                     .unary::<_, PbLeaseRevokeResponse>(
                         "/etcdserverpb.Lease/LeaseRevoke",
                         Request::new(revoke),
@@ -74,12 +74,12 @@ impl PbLeaseService for Broker {
             if !self.owns_lease(&t, id).await? {
                 return Err(self.deny(Some(&t), "LeaseRevoke", EtcdError::LeaseNotFound));
             }
-            let mut resp: PbLeaseRevokeResponse = self
-                .upstream()
+            let mut resp: PbLeaseRevokeResponse = t
+                .upstream
                 .unary("/etcdserverpb.Lease/LeaseRevoke", request_from(&md, r))
                 .await?
                 .into_inner();
-            self.inner.leases.forget(id);
+            self.inner.leases.forget(id, &t);
             self.note(&resp.header);
             rewrite::scrub_header(&mut resp.header);
             Ok(Response::new(resp))
@@ -134,8 +134,8 @@ impl PbLeaseService for Broker {
             }
         });
 
-        let mut upstream = self
-            .upstream()
+        let mut upstream = t
+            .upstream
             .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
                 "/etcdserverpb.Lease/LeaseKeepAlive",
                 request_from(&md, ReceiverStream::new(up_rx)),
@@ -195,8 +195,8 @@ impl PbLeaseService for Broker {
                     keys: Vec::new(),
                 }));
             }
-            let mut resp: PbLeaseTimeToLiveResponse = self
-                .upstream()
+            let mut resp: PbLeaseTimeToLiveResponse = t
+                .upstream
                 .unary("/etcdserverpb.Lease/LeaseTimeToLive", request_from(&md, r))
                 .await?
                 .into_inner();
@@ -229,8 +229,8 @@ impl PbLeaseService for Broker {
                 keys_only: true,
                 ..Default::default()
             };
-            let resp: PbRangeResponse = self
-                .upstream()
+            let resp: PbRangeResponse = t
+                .upstream
                 .unary("/etcdserverpb.KV/Range", request_from(&md, r))
                 .await?
                 .into_inner();

@@ -2,10 +2,14 @@
 //! prefix on every etcd API, and forwards to etcd. It alone holds the etcd credentials.
 
 pub mod auth;
+pub mod config;
 pub mod error;
+pub mod jwt;
 pub mod metrics;
+pub mod reload;
 pub mod rewrite;
 pub mod server;
+pub mod tokenreview;
 pub mod upstream;
 
 mod cluster;
@@ -42,10 +46,8 @@ pub struct Broker {
 struct Inner {
     /// Verifies the shim's bearer token.
     auth: Arc<dyn Authenticator>,
-    /// Maps an identity to its prefix.
+    /// Maps an identity to its prefix and backend; swapped whole on config reload.
     tenants: TenantResolver,
-    /// Where tenants' data lives.
-    upstream: Upstream,
     /// Which tenant owns which lease.
     leases: LeaseOwners,
     metrics: Metrics,
@@ -59,6 +61,8 @@ struct Inner {
 }
 
 impl Broker {
+    /// A broker whose every tenant lives on `upstream` (the backend named `default`)
+    /// until a config file says otherwise ([`Broker::apply_config`]).
     pub fn new(
         cfg: &BrokerConfig,
         auth: Arc<dyn Authenticator>,
@@ -66,12 +70,11 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix)?;
+        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 auth,
                 tenants,
-                upstream,
                 leases: LeaseOwners::default(),
                 metrics,
                 advertise_client_urls: cfg.advertise_client_urls.clone(),
@@ -81,22 +84,41 @@ impl Broker {
         })
     }
 
-    fn upstream(&self) -> &Upstream {
-        &self.inner.upstream
+    /// Validates a config file's content and, if it holds, routes new calls by it;
+    /// otherwise nothing changes.
+    pub fn apply_config(&self, file: &config::ConfigFile) -> Result<(), config::ConfigError> {
+        self.inner.tenants.apply(file)
     }
 
-    fn metrics(&self) -> &Metrics {
+    /// Which tenant `id` is, under the config in force; `None` if refused.
+    pub fn resolve(&self, id: &auth::Identity) -> Option<Arc<Tenant>> {
+        self.inner.tenants.resolve(id)
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
 
-    /// Authenticates the caller and resolves its tenant.
+    /// Authenticates the caller and resolves its tenant: once per call, so the rest of
+    /// the call uses one prefix and one backend even if the config changes meanwhile.
     async fn tenant(&self, md: &MetadataMap) -> Result<Arc<Tenant>, Status> {
         let res = match auth::bearer(md) {
             Ok(token) => self.inner.auth.authenticate(token).await,
             Err(e) => Err(e),
         };
         match res {
-            Ok(id) => Ok(self.inner.tenants.resolve(&id)),
+            Ok(id) => match self.inner.tenants.resolve(&id) {
+                Some(t) => Ok(t),
+                None => {
+                    self.metrics().denied("tenant_not_allowed");
+                    tracing::warn!(
+                        target: "etcd_shim_broker::audit",
+                        identity = %id,
+                        "denied: no tenant for this service account in the broker config"
+                    );
+                    Err(EtcdError::PermissionDenied.into())
+                }
+            },
             Err(e) => {
                 self.metrics().auth_failures.inc();
                 tracing::info!(reason = %e, "refused unauthenticated call");

@@ -172,8 +172,8 @@ impl Broker {
         }
         self.check_lease(&t, "Lock", r.lease).await?;
         r.name = t.prefix.key(&r.name);
-        let mut resp: PbLockResponse = self
-            .upstream()
+        let mut resp: PbLockResponse = t
+            .upstream
             .unary("/v3lockpb.Lock/Lock", request_from(&md, r))
             .await?
             .into_inner();
@@ -197,8 +197,8 @@ impl Broker {
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.key = t.prefix.key(&r.key);
-        let mut resp: UnlockResponse = self
-            .upstream()
+        let mut resp: UnlockResponse = t
+            .upstream
             .unary("/v3lockpb.Lock/Unlock", request_from(&md, r))
             .await?
             .into_inner();
@@ -219,8 +219,8 @@ impl Broker {
         }
         self.check_lease(&t, "Campaign", r.lease).await?;
         r.name = t.prefix.key(&r.name);
-        let mut resp: PbCampaignResponse = self
-            .upstream()
+        let mut resp: PbCampaignResponse = t
+            .upstream
             .unary("/v3electionpb.Election/Campaign", request_from(&md, r))
             .await?
             .into_inner();
@@ -239,8 +239,8 @@ impl Broker {
         let mut r = req.into_inner();
         let lease = self.prefix_leader(&t, &mut r.leader)?;
         self.check_lease(&t, "Proclaim", lease).await?;
-        let mut resp: PbProclaimResponse = self
-            .upstream()
+        let mut resp: PbProclaimResponse = t
+            .upstream
             .unary("/v3electionpb.Election/Proclaim", request_from(&md, r))
             .await?
             .into_inner();
@@ -258,8 +258,8 @@ impl Broker {
         let mut r = req.into_inner();
         let lease = self.prefix_leader(&t, &mut r.leader)?;
         self.check_lease(&t, "Resign", lease).await?;
-        let mut resp: PbResignResponse = self
-            .upstream()
+        let mut resp: PbResignResponse = t
+            .upstream
             .unary("/v3electionpb.Election/Resign", request_from(&md, r))
             .await?
             .into_inner();
@@ -276,8 +276,8 @@ impl Broker {
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.name = t.prefix.key(&r.name);
-        let mut resp: PbLeaderResponse = self
-            .upstream()
+        let mut resp: PbLeaderResponse = t
+            .upstream
             .unary("/v3electionpb.Election/Leader", request_from(&md, r))
             .await?
             .into_inner();
@@ -295,8 +295,8 @@ impl Broker {
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.name = t.prefix.key(&r.name);
-        let mut upstream = self
-            .upstream()
+        let mut upstream = t
+            .upstream
             .server_streaming::<_, PbLeaderResponse>(
                 "/v3electionpb.Election/Observe",
                 request_from(&md, r),

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use etcd_shim_broker::auth::StaticTokens;
+use etcd_shim_broker::auth::{Authenticator, StaticTokens};
+use etcd_shim_broker::config::{self, ConfigFile};
+use etcd_shim_broker::jwt::{self, Jwks, JwtVerifier};
 use etcd_shim_broker::metrics::Metrics;
+use etcd_shim_broker::tokenreview::TokenReviewer;
 use etcd_shim_broker::upstream::Upstream;
 use etcd_shim_broker::{Broker, BrokerConfig};
 use etcd_shim_core::admin::{self, AdminState, Readiness};
@@ -37,9 +40,37 @@ struct Args {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd_endpoints: Vec<String>,
+    /// How shims are authenticated. Default: `static` when --static-tokens-file is
+    /// given, otherwise `tokenreview`.
+    #[arg(long, env = "ETCD_SHIM_BROKER_AUTH_MODE", value_enum)]
+    auth_mode: Option<AuthMode>,
     /// Development mode: a file of `<token> <namespace>/<serviceaccount>` lines.
     #[arg(long, env = "ETCD_SHIM_BROKER_STATIC_TOKENS_FILE")]
-    static_tokens_file: PathBuf,
+    static_tokens_file: Option<PathBuf>,
+    /// The audience shims' projected tokens are minted for.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_TOKEN_AUDIENCE",
+        default_value = "etcd-shim"
+    )]
+    token_audience: String,
+    /// jwks mode: the service-account issuer's key set (JSON Web Key Set) as a file,
+    /// reloaded when it changes. Without it the keys are read from the API server's
+    /// /openid/v1/jwks.
+    #[arg(long, env = "ETCD_SHIM_BROKER_JWKS_FILE")]
+    jwks_file: Option<PathBuf>,
+    /// jwks mode: the cluster's service-account issuer (the `iss` of its tokens, the API
+    /// server's --service-account-issuer).
+    #[arg(long, env = "ETCD_SHIM_BROKER_ISSUER")]
+    issuer: Option<String>,
+    /// Broker config file (backends, tenant rules); reloaded when it changes. Without
+    /// it every tenant lives under --tenant-prefix-root on --etcd-endpoints.
+    #[arg(long, env = "ETCD_SHIM_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// How often the config and key files are re-read even without a change event
+    /// (and how often keys are refreshed from the API server).
+    #[arg(long, env = "ETCD_SHIM_BROKER_RELOAD_INTERVAL", default_value = "30s", value_parser = humantime_secs)]
+    reload_interval: Duration,
     /// Tenant `<ns>/<sa>` keys live under `<root><ns>/<sa>/`.
     #[arg(
         long,
@@ -71,6 +102,40 @@ struct Args {
     log_level: String,
 }
 
+/// How the broker verifies the shims' bearer tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    /// A file of fixed tokens: development and tests only.
+    Static,
+    /// Ask the API server (TokenReview); sees revoked tokens. Needs RBAC to create
+    /// tokenreviews.
+    Tokenreview,
+    /// Verify signatures locally against the issuer's keys; no API call per token.
+    Jwks,
+}
+
+impl Args {
+    /// The auth mode in force, after checking the flags it needs are there.
+    fn auth_mode(&self) -> Result<AuthMode, String> {
+        let mode = self
+            .auth_mode
+            .unwrap_or(if self.static_tokens_file.is_some() {
+                AuthMode::Static
+            } else {
+                AuthMode::Tokenreview
+            });
+        match mode {
+            AuthMode::Static if self.static_tokens_file.is_none() => {
+                Err("--auth-mode static needs --static-tokens-file".into())
+            }
+            AuthMode::Jwks if self.issuer.is_none() => {
+                Err("--auth-mode jwks needs --issuer".into())
+            }
+            m => Ok(m),
+        }
+    }
+}
+
 fn humantime_secs(s: &str) -> Result<Duration, String> {
     etcd_shim_core::parse_duration(s)
 }
@@ -93,21 +158,40 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let tokens = StaticTokens::load(&args.static_tokens_file)?;
-    tracing::warn!(
-        tokens = tokens.len(),
-        "static token file in use: development mode only"
-    );
+    let mode = args.auth_mode().map_err(anyhow::Error::msg)?;
     let upstream = Upstream::new(&args.etcd_endpoints)?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     let shutdown = Shutdown::new();
+    let auth = authenticator(&args, mode, &metrics, &shutdown).await?;
     let cfg = BrokerConfig {
-        tenant_prefix_root: args.tenant_prefix_root,
-        lease_prefix: args.lease_prefix,
-        advertise_client_urls: args.advertise_client_urls,
+        tenant_prefix_root: args.tenant_prefix_root.clone(),
+        lease_prefix: args.lease_prefix.clone(),
+        advertise_client_urls: args.advertise_client_urls.clone(),
     };
-    let broker = Broker::new(&cfg, Arc::new(tokens), upstream, metrics, shutdown.token())?;
+    let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
+    if let Some(path) = &args.config {
+        // A broken file at start-up is fatal: starting without its deny rules could let
+        // in tenants the operator meant to keep out.
+        let initial = std::fs::read(path)
+            .with_context(|| format!("reading broker config {}", path.display()))?;
+        let file = ConfigFile::parse(&String::from_utf8_lossy(&initial))
+            .and_then(|f| broker.apply_config(&f).map(|()| f))
+            .with_context(|| format!("broker config {}", path.display()))?;
+        tracing::info!(
+            path = %path.display(),
+            backends = file.backends.len(),
+            rules = file.tenants.len(),
+            "broker config loaded"
+        );
+        config::follow(
+            broker.clone(),
+            path.clone(),
+            args.reload_interval,
+            Some(initial),
+            shutdown.token(),
+        );
+    }
 
     let readiness = Readiness::new();
     readiness.register("etcd");
@@ -137,6 +221,79 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Builds the authenticator for `mode`, with whatever background reloading it needs.
+async fn authenticator(
+    args: &Args,
+    mode: AuthMode,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    Ok(match mode {
+        AuthMode::Static => {
+            let path = args
+                .static_tokens_file
+                .as_deref()
+                .context("--static-tokens-file")?;
+            let tokens = StaticTokens::load(path)?;
+            tracing::warn!(
+                tokens = tokens.len(),
+                "static token file in use: development mode only"
+            );
+            Arc::new(tokens)
+        }
+        AuthMode::Tokenreview => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client for TokenReview (in-cluster or kubeconfig)")?;
+            tracing::info!(audience = %args.token_audience, "authenticating shims by TokenReview");
+            Arc::new(TokenReviewer::new(
+                client,
+                &args.token_audience,
+                metrics.clone(),
+            ))
+        }
+        AuthMode::Jwks => {
+            let issuer = args.issuer.as_deref().context("--issuer")?;
+            let verifier = match &args.jwks_file {
+                Some(path) => {
+                    let initial = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let keys = Jwks::parse(&initial)
+                        .with_context(|| format!("issuer keys {}", path.display()))?;
+                    let v = Arc::new(JwtVerifier::new(issuer, &args.token_audience, keys));
+                    v.follow_file(
+                        path.clone(),
+                        args.reload_interval,
+                        initial,
+                        metrics.clone(),
+                        shutdown.token(),
+                    );
+                    v
+                }
+                None => {
+                    let client = kube::Client::try_default().await.context(
+                        "Kubernetes client for the issuer keys (in-cluster or kubeconfig)",
+                    )?;
+                    let keys = jwt::fetch_jwks(&client)
+                        .await
+                        .map_err(anyhow::Error::msg)
+                        .context("reading the issuer keys from /openid/v1/jwks")?;
+                    let v = Arc::new(JwtVerifier::new(issuer, &args.token_audience, keys));
+                    v.follow_api_server(
+                        client,
+                        args.reload_interval,
+                        metrics.clone(),
+                        shutdown.token(),
+                    );
+                    v
+                }
+            };
+            tracing::info!(%issuer, audience = %args.token_audience, "verifying shim tokens locally");
+            verifier
+        }
+    })
 }
 
 /// Keeps the "etcd" readiness condition current.
@@ -178,9 +335,46 @@ mod tests {
         assert_eq!(a.listen.port(), 2379);
         assert_eq!(a.admin_listen.port(), 9380);
         assert_eq!(a.drain_timeout, Duration::from_secs(10));
-        assert!(
-            Args::try_parse_from(["b"]).is_err(),
-            "token file is required"
+        assert_eq!(
+            a.auth_mode(),
+            Ok(AuthMode::Static),
+            "a token file means static"
+        );
+        assert_eq!(a.token_audience, "etcd-shim");
+        assert_eq!(a.reload_interval, Duration::from_secs(30));
+        assert_eq!(a.config, None);
+    }
+
+    #[test]
+    fn auth_mode_selection() {
+        let mode = |args: &[&str]| {
+            let mut v = vec!["b"];
+            v.extend_from_slice(args);
+            Args::try_parse_from(v).unwrap().auth_mode()
+        };
+        assert_eq!(mode(&[]), Ok(AuthMode::Tokenreview));
+        assert_eq!(
+            mode(&["--auth-mode", "tokenreview", "--token-audience", "x"]),
+            Ok(AuthMode::Tokenreview)
+        );
+        assert!(mode(&["--auth-mode", "static"]).is_err());
+        assert!(mode(&["--auth-mode", "jwks"]).is_err(), "issuer required");
+        assert_eq!(
+            mode(&[
+                "--auth-mode",
+                "jwks",
+                "--issuer",
+                "https://k",
+                "--jwks-file",
+                "/k.json"
+            ]),
+            Ok(AuthMode::Jwks)
+        );
+        assert!(Args::try_parse_from(["b", "--auth-mode", "oidc"]).is_err());
+        let a = Args::try_parse_from(["b", "--config", "/etc/etcd-shim/broker.yaml"]).unwrap();
+        assert_eq!(
+            a.config.as_deref(),
+            Some(std::path::Path::new("/etc/etcd-shim/broker.yaml"))
         );
     }
 }

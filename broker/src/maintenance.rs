@@ -41,8 +41,8 @@ impl PbMaintenanceService for Broker {
                 return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
             }
             let md = req.metadata().clone();
-            let mut resp: PbAlarmResponse = self
-                .upstream()
+            let mut resp: PbAlarmResponse = t
+                .upstream
                 .unary(
                     "/etcdserverpb.Maintenance/Alarm",
                     request_from(&md, req.into_inner()),
@@ -69,10 +69,10 @@ impl PbMaintenanceService for Broker {
     ) -> Result<Response<PbStatusResponse>, Status> {
         let started = Instant::now();
         let res = async {
-            self.tenant(req.metadata()).await?;
+            let t = self.tenant(req.metadata()).await?;
             let md = req.metadata().clone();
-            let real: PbStatusResponse = self
-                .upstream()
+            let real: PbStatusResponse = t
+                .upstream
                 .unary(
                     "/etcdserverpb.Maintenance/Status",
                     request_from(&md, req.into_inner()),

@@ -28,6 +28,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 /// Handles to every broker metric; clones share the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -38,6 +43,14 @@ pub struct Metrics {
     pub foreign_keys_dropped: Counter,
     pub watch_streams: Gauge,
     pub keepalive_streams: Gauge,
+    /// Config file reloads by outcome (`success`, `failure`).
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Issuer key set reloads by outcome (`success`, `failure`).
+    pub jwks_reloads: Family<OutcomeLabels, Counter>,
+    /// TokenReviews sent, by outcome (`authenticated`, `rejected`, `error`).
+    pub token_reviews: Family<OutcomeLabels, Counter>,
+    /// Authentications answered from the token cache.
+    pub token_cache_hits: Counter,
 }
 
 impl Metrics {
@@ -52,6 +65,10 @@ impl Metrics {
             foreign_keys_dropped: Counter::default(),
             watch_streams: Gauge::default(),
             keepalive_streams: Gauge::default(),
+            config_reloads: Family::default(),
+            jwks_reloads: Family::default(),
+            token_reviews: Family::default(),
+            token_cache_hits: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
@@ -89,7 +106,56 @@ impl Metrics {
             "Lease keep-alive streams currently open",
             m.keepalive_streams.clone(),
         );
+        r.register(
+            "config_reloads",
+            "Broker config file loads after start-up, by outcome; on failure the old config stays",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "jwks_reloads",
+            "Service-account issuer key set reloads, by outcome; on failure the old keys stay",
+            m.jwks_reloads.clone(),
+        );
+        r.register(
+            "token_reviews",
+            "TokenReviews sent to the API server, by outcome (error: the call was refused)",
+            m.token_reviews.clone(),
+        );
+        r.register(
+            "token_cache_hits",
+            "Authentications answered from the broker's token cache",
+            m.token_cache_hits.clone(),
+        );
         m
+    }
+
+    fn reload_family(&self, what: Reloaded) -> &Family<OutcomeLabels, Counter> {
+        match what {
+            Reloaded::Config => &self.config_reloads,
+            Reloaded::Jwks => &self.jwks_reloads,
+        }
+    }
+
+    /// Counts one reload of `what`.
+    pub fn reloaded(&self, what: Reloaded, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.reload_family(what)
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// How many reloads of `what` ended `ok` so far (for tests and diagnostics).
+    pub fn reload_count(&self, what: Reloaded, ok: bool) -> u64 {
+        let outcome = if ok { "success" } else { "failure" };
+        self.reload_family(what)
+            .get_or_create(&OutcomeLabels { outcome })
+            .get()
+    }
+
+    pub fn token_review(&self, outcome: &'static str) {
+        self.token_reviews
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn denied(&self, reason: &'static str) {
@@ -119,6 +185,13 @@ impl Metrics {
             .get_or_create(&MethodLabels { service, method })
             .observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// Files the broker reloads while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Config,
+    Jwks,
 }
 
 /// gRPC code names as other gRPC servers label them.

@@ -93,10 +93,13 @@ pub async fn serve(
 }
 
 impl Broker {
-    /// Whether etcd answers; used for readiness.
+    /// Whether the default backend's etcd answers; used for readiness. Other backends
+    /// only concern the tenants routed to them, so they do not make the broker unready.
     pub async fn probe_backend(&self) -> Result<String, String> {
         let resp: PbStatusResponse = self
-            .upstream()
+            .inner
+            .tenants
+            .default_upstream()
             .unary(
                 "/etcdserverpb.Maintenance/Status",
                 Request::new(PbStatusRequest {}),

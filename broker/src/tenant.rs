@@ -4,12 +4,15 @@
 //! the lease itself: it expires with the lease, and every broker replica sees it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use etcd_client::proto::{PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse};
 use tonic::{Request, Status};
 
 use crate::auth::Identity;
+use crate::config::{
+    BackendSpec, Base, ConfigError, ConfigFile, IMPLICIT_BACKEND, PrefixChoice, Rule,
+};
 use crate::rewrite::Prefix;
 use crate::upstream::Upstream;
 
@@ -22,6 +25,11 @@ pub struct Tenant {
     pub prefix: Prefix,
     /// Where the ownership records of the tenant's leases live.
     pub lease_prefix: Prefix,
+    /// Name of the backend holding the tenant's keys.
+    pub backend: Arc<str>,
+    /// The etcd cluster holding the tenant's keys. Resolved once per call; a call that
+    /// started before a reload finishes on the backend it started on.
+    pub upstream: Arc<Upstream>,
 }
 
 impl Tenant {
@@ -39,18 +47,45 @@ pub enum TenantConfigError {
     Overlap(String, String),
 }
 
+/// A backend the resolver can route to.
+struct Backend {
+    name: Arc<str>,
+    /// What the connection pool was built from; `None` for the one from flags. Compared on
+    /// reload so that unchanged backends keep their connections (and open watches).
+    spec: Option<BackendSpec>,
+    upstream: Arc<Upstream>,
+}
+
+/// One immutable routing table, built from a validated config. A reload builds a new
+/// one and swaps it in whole, so a request never sees half of a config.
+struct Routing {
+    backends: Vec<Backend>,
+    default_backend: usize,
+    rules: Vec<(Rule, Option<(usize, PrefixChoice)>)>,
+    allow_unlisted: bool,
+    /// identity -> its tenant, or `None` when refused. Lives and dies with this table.
+    cache: Mutex<HashMap<Identity, Option<Arc<Tenant>>>>,
+}
+
 /// Maps identities to tenants, and caches them so the request path does not allocate.
 pub struct TenantResolver {
-    root: String,
-    lease_root: String,
-    cache: Mutex<HashMap<Identity, Arc<Tenant>>>,
+    base: Base,
+    /// The backend made from flags; always routable as `default` unless a file redefines it.
+    implicit: Arc<Upstream>,
+    current: RwLock<Arc<Routing>>,
 }
 
 /// Bound on cached tenants; past it the cache starts over (tenants are cheap to rebuild).
 const TENANT_CACHE_MAX: usize = 10_000;
 
 impl TenantResolver {
-    pub fn new(root: &str, lease_root: &str) -> Result<Self, TenantConfigError> {
+    /// A resolver with no config file: every identity is a tenant under `root` on
+    /// `upstream`.
+    pub fn new(
+        root: &str,
+        lease_root: &str,
+        upstream: Upstream,
+    ) -> Result<Self, TenantConfigError> {
         for p in [root, lease_root] {
             if !p.starts_with('/') || !p.ends_with('/') {
                 return Err(TenantConfigError::BadPrefix(p.to_owned()));
@@ -62,44 +97,172 @@ impl TenantResolver {
                 lease_root.to_owned(),
             ));
         }
-        Ok(Self {
-            root: root.to_owned(),
-            lease_root: lease_root.to_owned(),
+        let base = Base {
+            tenant_prefix_root: root.to_owned(),
+            lease_prefix: lease_root.to_owned(),
+        };
+        let implicit = Arc::new(upstream);
+        let routing = Routing {
+            backends: vec![Backend {
+                name: Arc::from(IMPLICIT_BACKEND),
+                spec: None,
+                upstream: implicit.clone(),
+            }],
+            default_backend: 0,
+            rules: Vec::new(),
+            allow_unlisted: true,
             cache: Mutex::default(),
+        };
+        Ok(Self {
+            base,
+            implicit,
+            current: RwLock::new(Arc::new(routing)),
         })
     }
 
-    pub fn resolve(&self, id: &Identity) -> Arc<Tenant> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+    fn routing(&self) -> Arc<Routing> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Validates `file` and, if it holds, makes it the routing table for new calls.
+    pub fn apply(&self, file: &ConfigFile) -> Result<(), ConfigError> {
+        let plan = file.validate(&self.base)?;
+        let old = self.routing();
+        let mut backends = Vec::with_capacity(plan.backends.len() + 1);
+        for spec in &plan.backends {
+            let reused = old
+                .backends
+                .iter()
+                .find(|b| b.spec.as_ref() == Some(spec))
+                .map(|b| b.upstream.clone());
+            let upstream = match reused {
+                Some(u) => u,
+                None => {
+                    let u = Upstream::new(&spec.endpoints).map_err(|e| ConfigError::Backend {
+                        backend: spec.name.clone(),
+                        error: e.to_string(),
+                    })?;
+                    tracing::info!(backend = %spec.name, endpoints = ?spec.endpoints, "backend connections (re)built");
+                    Arc::new(u)
+                }
+            };
+            backends.push(Backend {
+                name: Arc::from(spec.name.as_str()),
+                spec: Some(spec.clone()),
+                upstream,
+            });
+        }
+        if !backends.iter().any(|b| &*b.name == IMPLICIT_BACKEND) {
+            backends.push(Backend {
+                name: Arc::from(IMPLICIT_BACKEND),
+                spec: None,
+                upstream: self.implicit.clone(),
+            });
+        }
+        let index = |name: &str| {
+            backends
+                .iter()
+                .position(|b| &*b.name == name)
+                .unwrap_or_else(|| unreachable!("validated backend name"))
+        };
+        let default_backend = index(&plan.default_backend);
+        let rules = plan
+            .rules
+            .into_iter()
+            .map(|r| {
+                let route = r
+                    .route
+                    .as_ref()
+                    .map(|route| (index(&route.backend), route.prefix.clone()));
+                (r, route)
+            })
+            .collect();
+        let routing = Routing {
+            backends,
+            default_backend,
+            rules,
+            allow_unlisted: plan.allow_unlisted,
+            cache: Mutex::default(),
+        };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
+        Ok(())
+    }
+
+    /// The default backend's connections (for readiness probes).
+    pub fn default_upstream(&self) -> Arc<Upstream> {
+        let r = self.routing();
+        r.backends[r.default_backend].upstream.clone()
+    }
+
+    /// The tenant of `id`, or `None` when the config refuses it.
+    pub fn resolve(&self, id: &Identity) -> Option<Arc<Tenant>> {
+        let routing = self.routing();
+        let mut cache = routing.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = cache.get(id) {
             return t.clone();
         }
         if cache.len() >= TENANT_CACHE_MAX {
             cache.clear();
         }
-        let name = id.to_string();
-        // Identity parsing guarantees neither part is empty or holds "/", so the
-        // prefixes end in "/" and no tenant's prefix is a byte-prefix of another's.
-        let prefix = Prefix::new(format!("{}{name}/", self.root).into_bytes())
-            .unwrap_or_else(|| unreachable!("prefix ends in /"));
-        let lease_prefix = Prefix::new(format!("{}{name}/", self.lease_root).into_bytes())
-            .unwrap_or_else(|| unreachable!("prefix ends in /"));
-        let t = Arc::new(Tenant {
-            name,
-            prefix,
-            lease_prefix,
+        let t = routing.decide(id).map(|(backend, prefix)| {
+            let name = id.to_string();
+            let b = &routing.backends[backend];
+            // Identity parsing guarantees neither part is empty or holds "/", and config
+            // validation that prefixes end in "/" and do not overlap, so no tenant's
+            // prefix is a byte-prefix of another's.
+            let prefix = match prefix {
+                PrefixChoice::Exact(p) => p.clone(),
+                PrefixChoice::Root(root) => {
+                    let root = root.as_deref().unwrap_or(&self.base.tenant_prefix_root);
+                    format!("{root}{name}/")
+                }
+            };
+            Arc::new(Tenant {
+                prefix: Prefix::new(prefix.into_bytes())
+                    .unwrap_or_else(|| unreachable!("prefix ends in /")),
+                lease_prefix: Prefix::new(
+                    format!("{}{name}/", self.base.lease_prefix).into_bytes(),
+                )
+                .unwrap_or_else(|| unreachable!("prefix ends in /")),
+                name,
+                backend: b.name.clone(),
+                upstream: b.upstream.clone(),
+            })
         });
         cache.insert(id.clone(), t.clone());
         t
     }
 }
 
+impl Routing {
+    /// Which backend and prefix `id` gets, or `None` if it is refused.
+    fn decide(&self, id: &Identity) -> Option<(usize, &PrefixChoice)> {
+        const DEFAULT_ROOT: PrefixChoice = PrefixChoice::Root(None);
+        for (rule, route) in &self.rules {
+            if rule.namespace.matches(&id.namespace)
+                && rule.service_account.matches(&id.service_account)
+            {
+                return route.as_ref().map(|(b, p)| (*b, p));
+            }
+        }
+        self.allow_unlisted
+            .then_some((self.default_backend, &DEFAULT_ROOT))
+    }
+}
+
+/// A lease as the cache knows it: (backend name, lease id).
+type LeaseKey = (Arc<str>, i64);
+
 /// Cache of lease owners in front of the records in etcd.
 #[derive(Default)]
 pub struct LeaseOwners {
-    /// lease id -> owning tenant name. Only positive answers are cached: a lease seen as
-    /// owned stays owned for its whole life (ids are never reused by etcd).
-    owners: Mutex<HashMap<i64, Arc<str>>>,
+    /// (backend, lease id) -> owning tenant name. Only positive answers are cached: a
+    /// lease seen as owned stays owned for its whole life (ids are never reused by etcd).
+    /// The backend is part of the key because two etcd clusters can hand out one id.
+    owners: Mutex<HashMap<LeaseKey, Arc<str>>>,
 }
 
 /// Bound on cached ownerships; past it the cache starts over and refills from etcd.
@@ -108,7 +271,9 @@ const LEASE_CACHE_MAX: usize = 100_000;
 impl LeaseOwners {
     fn cached(&self, id: i64, tenant: &Tenant) -> bool {
         let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        owners.get(&id).is_some_and(|o| **o == *tenant.name)
+        owners
+            .get(&(tenant.backend.clone(), id))
+            .is_some_and(|o| **o == *tenant.name)
     }
 
     pub fn remember(&self, id: i64, tenant: &Tenant) {
@@ -116,18 +281,21 @@ impl LeaseOwners {
         if owners.len() >= LEASE_CACHE_MAX {
             owners.clear();
         }
-        owners.insert(id, Arc::from(tenant.name.as_str()));
+        owners.insert(
+            (tenant.backend.clone(), id),
+            Arc::from(tenant.name.as_str()),
+        );
     }
 
-    pub fn forget(&self, id: i64) {
+    pub fn forget(&self, id: i64, tenant: &Tenant) {
         self.owners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+            .remove(&(tenant.backend.clone(), id));
     }
 
     /// Whether `tenant` owns lease `id`, from the cache or from etcd.
-    pub async fn owns(&self, up: &Upstream, tenant: &Tenant, id: i64) -> Result<bool, Status> {
+    pub async fn owns(&self, tenant: &Tenant, id: i64) -> Result<bool, Status> {
         if id == 0 {
             return Ok(false);
         }
@@ -140,7 +308,8 @@ impl LeaseOwners {
             count_only: true,
             ..Default::default()
         };
-        let resp: PbRangeResponse = up
+        let resp: PbRangeResponse = tenant
+            .upstream
             .unary("/etcdserverpb.KV/Range", Request::new(req))
             .await?
             .into_inner();
@@ -152,14 +321,15 @@ impl LeaseOwners {
     }
 
     /// Writes the ownership record of a freshly granted lease, attached to the lease.
-    pub async fn record(&self, up: &Upstream, tenant: &Tenant, id: i64) -> Result<(), Status> {
+    pub async fn record(&self, tenant: &Tenant, id: i64) -> Result<(), Status> {
         let req = PbPutRequest {
             key: tenant.lease_key(id),
             value: tenant.name.clone().into_bytes(),
             lease: id,
             ..Default::default()
         };
-        let _: PbPutResponse = up
+        let _: PbPutResponse = tenant
+            .upstream
             .unary("/etcdserverpb.KV/Put", Request::new(req))
             .await?
             .into_inner();
@@ -172,45 +342,175 @@ impl LeaseOwners {
 mod tests {
     use super::*;
 
-    #[test]
-    fn resolver_builds_disjoint_prefixes() {
-        let r = TenantResolver::new("/etcd-shim/tenants/", "/etcd-shim/leases/").unwrap();
-        let a = r.resolve(&Identity::parse("ns/a").unwrap());
-        let ab = r.resolve(&Identity::parse("ns/ab").unwrap());
+    fn upstream(port: u16) -> Upstream {
+        Upstream::new(&[format!("http://127.0.0.1:{port}")]).unwrap()
+    }
+
+    fn resolver() -> TenantResolver {
+        TenantResolver::new("/etcd-shim/tenants/", "/etcd-shim/leases/", upstream(1)).unwrap()
+    }
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap()
+    }
+
+    fn apply(r: &TenantResolver, yaml: &str) -> Result<(), ConfigError> {
+        r.apply(&ConfigFile::parse(yaml)?)
+    }
+
+    #[tokio::test]
+    async fn resolver_builds_disjoint_prefixes() {
+        let r = resolver();
+        let a = r.resolve(&id("ns/a")).unwrap();
+        let ab = r.resolve(&id("ns/ab")).unwrap();
         assert_eq!(a.prefix.as_bytes(), b"/etcd-shim/tenants/ns/a/");
         assert!(!ab.prefix.as_bytes().starts_with(a.prefix.as_bytes()));
         assert_eq!(
             a.lease_key(0x1f),
             b"/etcd-shim/leases/ns/a/000000000000001f"
         );
-        assert!(Arc::ptr_eq(
-            &a,
-            &r.resolve(&Identity::parse("ns/a").unwrap())
-        ));
+        assert_eq!(&*a.backend, "default");
+        assert!(Arc::ptr_eq(&a, &r.resolve(&id("ns/a")).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn two_service_accounts_of_one_namespace_are_two_tenants() {
+        let r = resolver();
+        let a = r.resolve(&id("team/api")).unwrap();
+        let b = r.resolve(&id("team/api-v2")).unwrap();
+        assert_ne!(a.prefix.as_bytes(), b.prefix.as_bytes());
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            assert!(!x.prefix.as_bytes().starts_with(y.prefix.as_bytes()));
+            assert!(
+                !x.lease_prefix
+                    .as_bytes()
+                    .starts_with(y.lease_prefix.as_bytes())
+            );
+        }
+        // Also when a rule sends the whole namespace elsewhere.
+        apply(&r, "tenants: [{namespace: team, prefixRoot: /teams/}]").unwrap();
+        let a = r.resolve(&id("team/api")).unwrap();
+        let b = r.resolve(&id("team/api-v2")).unwrap();
+        assert_eq!(a.prefix.as_bytes(), b"/teams/team/api/");
+        assert_eq!(b.prefix.as_bytes(), b"/teams/team/api-v2/");
     }
 
     #[test]
     fn resolver_rejects_bad_roots() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
         assert!(matches!(
-            TenantResolver::new("/x", "/l/"),
+            TenantResolver::new("/x", "/l/", upstream(1)),
             Err(TenantConfigError::BadPrefix(_))
         ));
         assert!(matches!(
-            TenantResolver::new("/x/", "/x/leases/"),
+            TenantResolver::new("/x/", "/x/leases/", upstream(1)),
             Err(TenantConfigError::Overlap(..))
         ));
     }
 
-    #[test]
-    fn lease_cache_is_per_tenant() {
-        let r = TenantResolver::new("/t/", "/l/").unwrap();
-        let a = r.resolve(&Identity::parse("n/a").unwrap());
-        let b = r.resolve(&Identity::parse("n/b").unwrap());
+    #[tokio::test]
+    async fn rules_route_allow_and_deny() {
+        let r = resolver();
+        apply(
+            &r,
+            r#"
+backends:
+  - {name: second, endpoints: ["http://127.0.0.1:2"]}
+allowUnlisted: false
+tenants:
+  - {namespace: team-a, serviceAccount: api, backend: second, prefix: /team-a/}
+  - {namespace: team-a, action: deny}
+  - {namespace: team-b}
+  - {serviceAccount: metrics, backend: second}
+"#,
+        )
+        .unwrap();
+        let a = r.resolve(&id("team-a/api")).unwrap();
+        assert_eq!(a.prefix.as_bytes(), b"/team-a/");
+        assert_eq!(&*a.backend, "second");
+        // Lease records stay under the broker's own prefix whatever the key prefix.
+        assert_eq!(
+            a.lease_key(1),
+            b"/etcd-shim/leases/team-a/api/0000000000000001"
+        );
+        assert!(r.resolve(&id("team-a/other")).is_none(), "deny rule");
+        let b = r.resolve(&id("team-b/x")).unwrap();
+        assert_eq!(b.prefix.as_bytes(), b"/etcd-shim/tenants/team-b/x/");
+        assert_eq!(&*b.backend, "default");
+        assert_eq!(&*r.resolve(&id("any/metrics")).unwrap().backend, "second");
+        assert!(r.resolve(&id("team-c/x")).is_none(), "unlisted");
+        // Denials are cached like tenants and answered the same way again.
+        assert!(r.resolve(&id("team-c/x")).is_none());
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_unchanged_backends_and_rebuilds_changed_ones() {
+        let r = resolver();
+        let implicit = r.default_upstream();
+        let two = "backends: [{name: a, endpoints: ['http://127.0.0.1:2']}, {name: b, endpoints: ['http://127.0.0.1:3']}]\ntenants: [{namespace: x, backend: a}, {namespace: y, backend: b}]";
+        apply(&r, two).unwrap();
+        let xa = r.resolve(&id("x/s")).unwrap();
+        let yb = r.resolve(&id("y/s")).unwrap();
+        apply(&r, &two.replace("127.0.0.1:3", "127.0.0.1:4")).unwrap();
+        let xa2 = r.resolve(&id("x/s")).unwrap();
+        let yb2 = r.resolve(&id("y/s")).unwrap();
+        assert!(
+            Arc::ptr_eq(&xa.upstream, &xa2.upstream),
+            "unchanged backend kept"
+        );
+        assert!(
+            !Arc::ptr_eq(&yb.upstream, &yb2.upstream),
+            "changed backend rebuilt"
+        );
+        assert!(Arc::ptr_eq(&implicit, &r.default_upstream()));
+
+        // A refused config leaves the table as it was.
+        let err = apply(&r, "tenants: [{namespace: x, backend: gone}]").unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownBackend { .. }));
+        assert!(Arc::ptr_eq(&r.resolve(&id("x/s")).unwrap(), &xa2));
+    }
+
+    #[tokio::test]
+    async fn default_backend_can_move() {
+        let r = resolver();
+        apply(
+            &r,
+            "backends: [{name: main, endpoints: ['http://127.0.0.1:2']}]\ndefaultBackend: main",
+        )
+        .unwrap();
+        assert_eq!(&*r.resolve(&id("n/s")).unwrap().backend, "main");
+        assert!(!Arc::ptr_eq(
+            &r.default_upstream(),
+            &r.routing().backends[1].upstream
+        ));
+    }
+
+    #[tokio::test]
+    async fn lease_cache_is_per_tenant_and_backend() {
+        let r = resolver();
+        apply(
+            &r,
+            "backends: [{name: other, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: m, backend: other}]",
+        )
+        .unwrap();
+        let a = r.resolve(&id("n/a")).unwrap();
+        let b = r.resolve(&id("n/b")).unwrap();
         let owners = LeaseOwners::default();
         owners.remember(7, &a);
         assert!(owners.cached(7, &a));
         assert!(!owners.cached(7, &b));
-        owners.forget(7);
+        // The same tenant name on another backend is another lease space.
+        apply(
+            &r,
+            "backends: [{name: other, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: n, backend: other}]",
+        )
+        .unwrap();
+        let moved = r.resolve(&id("n/a")).unwrap();
+        assert!(!owners.cached(7, &moved));
+        owners.forget(7, &a);
         assert!(!owners.cached(7, &a));
     }
 }

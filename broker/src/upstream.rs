@@ -15,7 +15,7 @@ use tonic_prost::ProstCodec;
 const FORWARDED_METADATA: &[&str] = &["hasleader", "grpc-timeout"];
 
 /// A connection pool to one etcd cluster.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Upstream {
     channel: Channel,
 }

@@ -46,8 +46,8 @@ impl PbWatchService for Broker {
             }
         });
 
-        let mut upstream = self
-            .upstream()
+        let mut upstream = t
+            .upstream
             .streaming::<_, PbWatchRequest, PbWatchResponse>(
                 "/etcdserverpb.Watch/Watch",
                 request_from(&md, ReceiverStream::new(up_rx)),

@@ -1,12 +1,25 @@
 //! The pod's service-account token, read from its file and kept current: the kubelet
 //! rewrites the file well before the token expires, so the shim re-reads it.
+//!
+//! The kubelet publishes a projected token by writing a new timestamped directory and
+//! swapping the `..data` symlink beside the token file atomically; the file itself is
+//! never modified in place. So the shim watches the token file's *directory*, re-reads
+//! on any event there, and keeps a periodic re-read (and one just before the token's own
+//! expiry) for file systems where change events never arrive.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use http::HeaderValue;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+
+/// How long before the token's `exp` the shim re-reads the file anyway: the kubelet
+/// rotates at 80% of the lifetime, so a fresh token is normally there by then.
+const REFRESH_BEFORE_EXP: Duration = Duration::from_secs(60);
+/// Shortest wait between two timed re-reads, so an expired token cannot spin the loop.
+const MIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The current `authorization` header value, or why there is none.
 #[derive(Clone)]
@@ -14,31 +27,54 @@ pub struct TokenSource {
     rx: watch::Receiver<Result<HeaderValue, Arc<str>>>,
 }
 
+/// What one read of the token file gave.
+#[derive(Clone)]
+struct Loaded {
+    header: Result<HeaderValue, Arc<str>>,
+    /// The token's unverified `exp`, to schedule a re-read before it.
+    expires: Option<SystemTime>,
+}
+
 impl TokenSource {
-    /// Reads `path` now, then again every `every` in the background until `stop`.
+    /// Reads `path` now, then again whenever its directory changes, every `every`, and
+    /// shortly before the token expires, until `stop`.
     pub fn spawn(
         path: PathBuf,
         every: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = watch::channel(read(&path));
-        log_change(&path, None, &rx.borrow());
+        // Watch before the first read, so a rotation between the two is not missed.
+        let changed = Arc::new(Notify::new());
+        let mut watcher = watch_dir(&path, &changed);
+        let first = read(&path);
+        let (tx, rx) = watch::channel(first.header.clone());
+        log_change(&path, None, &first.header);
         let task = tokio::spawn(async move {
+            // `watcher` moves in here and lives as long as the loop: dropping it stops
+            // the watch.
+            let mut expires = first.expires;
             loop {
+                let wait = next_wait(every, expires, SystemTime::now());
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = changed.notified() => {}
                     _ = stop.cancelled() => return,
                 }
+                if watcher.is_none() {
+                    // The directory may appear after the shim starts (volume mounted late).
+                    watcher = watch_dir(&path, &changed);
+                }
                 let next = read(&path);
+                expires = next.expires;
                 tx.send_if_modified(|cur| {
-                    let changed = match (&*cur, &next) {
+                    let changed = match (&*cur, &next.header) {
                         (Ok(a), Ok(b)) => a != b,
                         (Err(a), Err(b)) => a != b,
                         _ => true,
                     };
                     if changed {
-                        log_change(&path, Some(cur), &next);
-                        *cur = next.clone();
+                        log_change(&path, Some(cur), &next.header);
+                        *cur = next.header.clone();
                     }
                     changed
                 });
@@ -58,10 +94,78 @@ impl TokenSource {
     }
 }
 
-fn read(path: &Path) -> Result<HeaderValue, Arc<str>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Arc::from(format!("cannot read token file {}: {e}", path.display())))?;
-    header(text.trim()).map_err(|e| Arc::from(format!("token file {}: {e}", path.display())))
+/// Watches the directory holding `path`; `None` (and a log line) if that is impossible
+/// right now, in which case the periodic re-read still keeps the token current.
+fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let notify = changed.clone();
+    let handler = move |res: notify::Result<notify::Event>| {
+        // Any event in the directory may be a rotation; a re-read is cheap.
+        if res.is_ok() {
+            notify.notify_one();
+        }
+    };
+    let mut w = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch token directory; re-reading periodically");
+            return None;
+        }
+    };
+    match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(w),
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "token directory not watchable yet");
+            None
+        }
+    }
+}
+
+/// How long to sleep before the next timed re-read.
+fn next_wait(every: Duration, expires: Option<SystemTime>, now: SystemTime) -> Duration {
+    let before_exp = expires
+        .and_then(|e| e.checked_sub(REFRESH_BEFORE_EXP))
+        .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+    match before_exp {
+        Some(d) => d.clamp(MIN_WAIT, every.max(MIN_WAIT)),
+        None => every,
+    }
+}
+
+fn read(path: &Path) -> Loaded {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Loaded {
+                header: Err(Arc::from(format!(
+                    "cannot read token file {}: {e}",
+                    path.display()
+                ))),
+                expires: None,
+            };
+        }
+    };
+    let token = text.trim();
+    Loaded {
+        header: header(token).map_err(|e| Arc::from(format!("token file {}: {e}", path.display()))),
+        expires: unverified_exp(token),
+    }
+}
+
+/// The `exp` claim of a JWT, read without verifying anything: it only decides when to
+/// look at the file again, so a forged value can at worst cause an early re-read.
+fn unverified_exp(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 fn header(token: &str) -> Result<HeaderValue, String> {
@@ -91,6 +195,21 @@ fn log_change(
 mod tests {
     use super::*;
 
+    /// Polls until `src` holds `want` (as a bearer header), for at most 5 s.
+    async fn wait_for(src: &TokenSource, want: &str) -> bool {
+        let want = format!("Bearer {want}");
+        for _ in 0..500 {
+            if src
+                .current()
+                .is_ok_and(|v| v.to_str().is_ok_and(|s| s == want))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     #[tokio::test]
     async fn reads_and_follows_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -105,18 +224,81 @@ mod tests {
         );
 
         std::fs::write(&path, "abc\n").unwrap();
-        let mut seen = None;
+        assert!(wait_for(&src, "abc").await, "token picked up");
+        assert!(src.current().unwrap().is_sensitive());
+
+        // Removing the file makes the shim not ready again, with a reason; no crash.
+        std::fs::remove_file(&path).unwrap();
+        let mut gone = false;
         for _ in 0..500 {
-            if let Ok(v) = src.current() {
-                seen = Some(v);
+            if src.current().is_err() {
+                gone = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let v = seen.expect("token picked up");
-        assert_eq!(v.to_str().unwrap(), "Bearer abc");
-        assert!(v.is_sensitive());
+        assert!(gone, "missing token reported");
         stop.cancel();
+    }
+
+    /// Lays out a projected volume as the kubelet does: `..<ts>/token`, `..data -> ..<ts>`,
+    /// `token -> ..data/token`.
+    fn publish(dir: &Path, generation: &str, token: &str) {
+        let ts = dir.join(format!("..{generation}"));
+        std::fs::create_dir(&ts).unwrap();
+        std::fs::write(ts.join("token"), token).unwrap();
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..{generation}"), &tmp).unwrap();
+        // rename(2) over the old link is the atomic swap the kubelet relies on.
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+        let link = dir.join("token");
+        if !link.exists() {
+            std::os::unix::fs::symlink("..data/token", &link).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn follows_an_atomic_data_symlink_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        publish(dir.path(), "2025_01_01_00_00_00.1", "first");
+        let stop = tokio_util::sync::CancellationToken::new();
+        // The periodic re-read is an hour away: only the directory watch can see the swap.
+        let (src, _task) = TokenSource::spawn(
+            dir.path().join("token"),
+            Duration::from_secs(3600),
+            stop.clone(),
+        );
+        assert!(wait_for(&src, "first").await);
+
+        publish(dir.path(), "2025_01_01_00_48_00.2", "second");
+        assert!(wait_for(&src, "second").await, "rotation picked up");
+        stop.cancel();
+    }
+
+    #[test]
+    fn exp_schedules_an_early_reread() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"aud":["etcd-shim"],"exp":2000000000}"#)
+        );
+        let exp = unverified_exp(&token).unwrap();
+        assert_eq!(exp, UNIX_EPOCH + Duration::from_secs(2_000_000_000));
+        assert_eq!(unverified_exp("not-a-jwt"), None);
+        assert_eq!(unverified_exp("a.!!!.c"), None);
+
+        let every = Duration::from_secs(300);
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        // Far from expiry: the period wins.
+        let far = now + Duration::from_secs(3600);
+        assert_eq!(next_wait(every, Some(far), now), every);
+        // Near expiry: wake up a minute before exp.
+        let near = now + Duration::from_secs(100);
+        assert_eq!(next_wait(every, Some(near), now), Duration::from_secs(40));
+        // Already expired: retry, but not in a busy loop.
+        assert_eq!(next_wait(every, Some(now), now), MIN_WAIT);
+        assert_eq!(next_wait(every, None, now), every);
     }
 
     #[test]

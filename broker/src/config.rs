@@ -1,0 +1,750 @@
+//! The broker config file: which etcd backends exist, which tenants go where, with what
+//! prefix, and who is let in at all. See `docs/broker-config.md` for the format.
+//!
+//! Parsing and validation are pure (`ConfigFile::parse`, `ConfigFile::validate`), so every
+//! rule is unit-tested; `follow` hot-reloads the file into a running broker and keeps the
+//! old config whenever the new one is refused.
+//!
+//! YAML is read with `serde_norway`, the maintained fork of `serde_yaml` (which its author
+//! has archived): same data model and API, still receiving fixes.
+
+use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::Broker;
+use crate::metrics::Reloaded;
+
+/// Name of the backend made from `--etcd-endpoints`; a file may redefine it.
+pub const IMPLICIT_BACKEND: &str = "default";
+
+/// The file as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    /// etcd clusters tenants can be routed to, besides the implicit `default`.
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    /// Backend of tenants no rule routes elsewhere; `default` when unset.
+    #[serde(default)]
+    pub default_backend: Option<String>,
+    /// Whether identities that match no rule get a tenant (under the default prefix root
+    /// on the default backend). When false they are refused with "permission denied".
+    #[serde(default = "yes")]
+    pub allow_unlisted: bool,
+    /// Tenant rules; the first rule that matches an identity decides.
+    #[serde(default)]
+    pub tenants: Vec<TenantRule>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One etcd cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    pub name: String,
+    /// Client URLs (`http://host:port` or `https://host:port`).
+    pub endpoints: Vec<String>,
+    /// Client TLS material, as mounted file paths.
+    #[serde(default)]
+    pub tls: Option<BackendTls>,
+}
+
+/// Paths of a backend's TLS files. Checked to exist when the file is loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendTls {
+    /// CA bundle that signed etcd's serving certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate presented to etcd; needs `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// Which identities a rule is about, and what happens to them.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantRule {
+    /// Namespace name, or `*` (the default) for any.
+    #[serde(default = "star")]
+    pub namespace: String,
+    /// Service-account name, or `*` (the default) for any.
+    #[serde(default = "star")]
+    pub service_account: String,
+    /// `allow` (the default) or `deny`.
+    #[serde(default)]
+    pub action: Action,
+    /// Backend serving the matched tenants; the default backend when unset.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// The exact key prefix of the one tenant this rule names (both names exact).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Matched tenants live under `<prefixRoot><ns>/<sa>/` instead of the default root.
+    #[serde(default)]
+    pub prefix_root: Option<String>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// Why a config file is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: String },
+    #[error("not a valid broker config: {0}")]
+    Syntax(String),
+    #[error("backend {0:?} is defined twice")]
+    DuplicateBackend(String),
+    #[error("backend name {0:?} is empty or holds characters other than [a-z0-9-_.]")]
+    BadBackendName(String),
+    #[error("backend {0:?} has no endpoints")]
+    NoEndpoints(String),
+    #[error("backend {backend:?}: endpoint {endpoint:?} is not an http:// or https:// URL")]
+    BadEndpoint { backend: String, endpoint: String },
+    #[error("backend {backend:?}: {what} file {path:?} does not exist")]
+    MissingFile {
+        backend: String,
+        what: &'static str,
+        path: String,
+    },
+    #[error("backend {backend:?}: {error}")]
+    Backend { backend: String, error: String },
+    #[error("backend {0:?}: tls cert and key must be given together")]
+    CertWithoutKey(String),
+    #[error("defaultBackend {0:?} is not a defined backend")]
+    UnknownDefaultBackend(String),
+    #[error("tenant rule {rule}: backend {backend:?} is not defined")]
+    UnknownBackend { rule: usize, backend: String },
+    #[error("tenant rule {rule}: {value:?} is neither \"*\" nor a valid name")]
+    BadName { rule: usize, value: String },
+    #[error("tenant rule {rule}: a deny rule takes no backend, prefix or prefixRoot")]
+    DenyWithRoute { rule: usize },
+    #[error(
+        "tenant rule {rule}: prefix needs an exact namespace and serviceAccount (use prefixRoot)"
+    )]
+    PrefixOnWildcard { rule: usize },
+    #[error("tenant rule {rule}: give prefix or prefixRoot, not both")]
+    PrefixAndRoot { rule: usize },
+    #[error("prefix {0:?} must start and end with \"/\"")]
+    BadPrefix(String),
+    #[error("prefixes overlap: {0} and {1}")]
+    Overlap(String, String),
+}
+
+/// Settings that come from flags and that the file builds on.
+#[derive(Clone, Debug)]
+pub struct Base {
+    /// Default root of tenant prefixes.
+    pub tenant_prefix_root: String,
+    /// Root of the broker's lease ownership records; no tenant prefix may overlap it.
+    pub lease_prefix: String,
+}
+
+/// A validated config: what the tenant resolver executes. Backends are referred to by
+/// index into `backends`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Backends defined in the file (the implicit one is not listed unless redefined).
+    pub backends: Vec<BackendSpec>,
+    /// The default backend's name.
+    pub default_backend: String,
+    pub allow_unlisted: bool,
+    pub rules: Vec<Rule>,
+}
+
+/// A validated rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub namespace: Match,
+    pub service_account: Match,
+    pub route: Option<Route>,
+}
+
+/// Where an allowed tenant goes; `None` in [`Rule::route`] means deny.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub backend: String,
+    pub prefix: PrefixChoice,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrefixChoice {
+    /// `<root><ns>/<sa>/`, with the base root when `None`.
+    Root(Option<String>),
+    /// Exactly this prefix.
+    Exact(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    Any,
+    Exact(String),
+}
+
+impl Match {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Match::Any => true,
+            Match::Exact(n) => n == name,
+        }
+    }
+}
+
+impl ConfigFile {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        // Refused rather than read as "no settings": a file caught half-written (truncated
+        // by a non-atomic editor) would otherwise drop every deny rule for a moment.
+        if text.trim().is_empty() {
+            return Err(ConfigError::Syntax(
+                "the file is empty (write `{}` for all defaults)".into(),
+            ));
+        }
+        serde_norway::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Checks everything that can be checked without connecting anywhere.
+    pub fn validate(&self, base: &Base) -> Result<Plan, ConfigError> {
+        let mut names: Vec<&str> = Vec::new();
+        for b in &self.backends {
+            let valid_name = !b.name.is_empty()
+                && b.name
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(&c));
+            if !valid_name {
+                return Err(ConfigError::BadBackendName(b.name.clone()));
+            }
+            if names.contains(&b.name.as_str()) {
+                return Err(ConfigError::DuplicateBackend(b.name.clone()));
+            }
+            names.push(&b.name);
+            if b.endpoints.is_empty() {
+                return Err(ConfigError::NoEndpoints(b.name.clone()));
+            }
+            for e in &b.endpoints {
+                let ok = e.parse::<http::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                });
+                if !ok {
+                    return Err(ConfigError::BadEndpoint {
+                        backend: b.name.clone(),
+                        endpoint: e.clone(),
+                    });
+                }
+            }
+            if let Some(tls) = &b.tls {
+                if tls.cert.is_some() != tls.key.is_some() {
+                    return Err(ConfigError::CertWithoutKey(b.name.clone()));
+                }
+                for (what, p) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+                    if let Some(p) = p
+                        && !p.exists()
+                    {
+                        return Err(ConfigError::MissingFile {
+                            backend: b.name.clone(),
+                            what,
+                            path: p.display().to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        if !names.contains(&IMPLICIT_BACKEND) {
+            names.push(IMPLICIT_BACKEND);
+        }
+        let default_backend = self
+            .default_backend
+            .clone()
+            .unwrap_or_else(|| IMPLICIT_BACKEND.to_owned());
+        if !names.contains(&default_backend.as_str()) {
+            return Err(ConfigError::UnknownDefaultBackend(default_backend));
+        }
+
+        // Every prefix that keys can live under, to check that none overlaps another.
+        let mut prefixes = vec![
+            Claimed::root(&base.tenant_prefix_root, "the default tenant prefix root"),
+            Claimed::exact(&base.lease_prefix, "the lease record prefix"),
+        ];
+        let mut rules = Vec::with_capacity(self.tenants.len());
+        for (i, r) in self.tenants.iter().enumerate() {
+            // Rules are numbered from 1 in messages, as an operator counts them.
+            let rule = i + 1;
+            let namespace = name_match(&r.namespace, rule)?;
+            let service_account = name_match(&r.service_account, rule)?;
+            let route = match r.action {
+                Action::Deny => {
+                    if r.backend.is_some() || r.prefix.is_some() || r.prefix_root.is_some() {
+                        return Err(ConfigError::DenyWithRoute { rule });
+                    }
+                    None
+                }
+                Action::Allow => {
+                    let backend = r.backend.clone().unwrap_or_else(|| default_backend.clone());
+                    if !names.contains(&backend.as_str()) {
+                        return Err(ConfigError::UnknownBackend { rule, backend });
+                    }
+                    let prefix = match (&r.prefix, &r.prefix_root) {
+                        (Some(_), Some(_)) => return Err(ConfigError::PrefixAndRoot { rule }),
+                        (Some(p), None) => {
+                            if namespace == Match::Any || service_account == Match::Any {
+                                return Err(ConfigError::PrefixOnWildcard { rule });
+                            }
+                            prefixes.push(Claimed::exact(p, &format!("tenant rule {rule} prefix")));
+                            PrefixChoice::Exact(p.clone())
+                        }
+                        (None, Some(root)) => {
+                            prefixes.push(Claimed::root(
+                                root,
+                                &format!("tenant rule {rule} prefixRoot"),
+                            ));
+                            PrefixChoice::Root(Some(root.clone()))
+                        }
+                        (None, None) => PrefixChoice::Root(None),
+                    };
+                    Some(Route { backend, prefix })
+                }
+            };
+            rules.push(Rule {
+                namespace,
+                service_account,
+                route,
+            });
+        }
+        check_prefixes(&prefixes)?;
+        Ok(Plan {
+            backends: self.backends.clone(),
+            default_backend,
+            allow_unlisted: self.allow_unlisted,
+            rules,
+        })
+    }
+}
+
+fn name_match(v: &str, rule: usize) -> Result<Match, ConfigError> {
+    if v == "*" {
+        return Ok(Match::Any);
+    }
+    // Kubernetes names are DNS labels or subdomains; anything else can never match and is
+    // most likely a typo such as a glob.
+    let valid = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+    if valid {
+        Ok(Match::Exact(v.to_owned()))
+    } else {
+        Err(ConfigError::BadName {
+            rule,
+            value: v.to_owned(),
+        })
+    }
+}
+
+/// A prefix some keys live under.
+struct Claimed {
+    prefix: String,
+    /// A root holds `<ns>/<sa>/` below it: two equal roots never mix tenants, because
+    /// the suffix differs; any other overlap does.
+    is_root: bool,
+    what: String,
+}
+
+impl Claimed {
+    fn root(p: &str, what: &str) -> Self {
+        Self {
+            prefix: p.to_owned(),
+            is_root: true,
+            what: what.to_owned(),
+        }
+    }
+
+    fn exact(p: &str, what: &str) -> Self {
+        Self {
+            prefix: p.to_owned(),
+            is_root: false,
+            what: what.to_owned(),
+        }
+    }
+}
+
+fn check_prefixes(all: &[Claimed]) -> Result<(), ConfigError> {
+    for c in all {
+        if !c.prefix.starts_with('/') || !c.prefix.ends_with('/') {
+            return Err(ConfigError::BadPrefix(c.prefix.clone()));
+        }
+    }
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            let overlap = a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix);
+            let harmless = a.is_root && b.is_root && a.prefix == b.prefix;
+            if overlap && !harmless {
+                return Err(ConfigError::Overlap(
+                    format!("{} {:?}", a.what, a.prefix),
+                    format!("{} {:?}", b.what, b.prefix),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads, validates and applies the file at `path` to `broker`.
+pub fn apply_file(broker: &Broker, path: &Path) -> Result<(), ConfigError> {
+    let file = ConfigFile::load(path)?;
+    broker.apply_config(&file)
+}
+
+/// Re-applies the file at `path` whenever it changes (directory watch plus a re-read
+/// every `every`) until `stop`. A refused file leaves the running config as it was, with
+/// an error log line and `etcd_broker_config_reloads_total{outcome="failure"}`.
+pub fn follow(
+    broker: Broker,
+    path: PathBuf,
+    every: Duration,
+    initial: Option<Vec<u8>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let shown = path.display().to_string();
+    crate::reload::spawn(path, every, initial, stop, move |content| {
+        let res = match content {
+            Ok(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => ConfigFile::parse(text).and_then(|f| broker.apply_config(&f)),
+                Err(e) => Err(ConfigError::Syntax(e.to_string())),
+            },
+            Err(e) => Err(ConfigError::Read {
+                path: shown.clone(),
+                error: e.to_string(),
+            }),
+        };
+        match res {
+            Ok(()) => {
+                tracing::info!(path = %shown, "broker config reloaded");
+                broker.metrics().reloaded(Reloaded::Config, true);
+            }
+            Err(e) => {
+                tracing::error!(path = %shown, error = %e, "broker config refused; keeping the previous config");
+                broker.metrics().reloaded(Reloaded::Config, false);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Base {
+        Base {
+            tenant_prefix_root: "/etcd-shim/tenants/".into(),
+            lease_prefix: "/etcd-shim/leases/".into(),
+        }
+    }
+
+    fn check(yaml: &str) -> Result<Plan, ConfigError> {
+        ConfigFile::parse(yaml)?.validate(&base())
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let plan = check(
+            r#"
+backends:
+  - name: dedicated
+    endpoints: ["http://10.0.0.5:2379", "http://10.0.0.6:2379"]
+defaultBackend: default
+allowUnlisted: false
+tenants:
+  - namespace: team-a
+    serviceAccount: apiserver
+    backend: dedicated
+    prefix: /team-a/
+  - namespace: team-b
+    prefixRoot: /team-b-tenants/
+  - namespace: sandbox
+    action: deny
+  - serviceAccount: metrics-server
+"#,
+        )
+        .unwrap();
+        assert!(!plan.allow_unlisted);
+        assert_eq!(plan.default_backend, "default");
+        assert_eq!(plan.rules.len(), 4);
+        assert_eq!(
+            plan.rules[0].route,
+            Some(Route {
+                backend: "dedicated".into(),
+                prefix: PrefixChoice::Exact("/team-a/".into())
+            })
+        );
+        assert_eq!(plan.rules[1].service_account, Match::Any);
+        assert_eq!(plan.rules[2].route, None);
+        assert_eq!(plan.rules[3].namespace, Match::Any);
+        assert_eq!(
+            plan.rules[3].route,
+            Some(Route {
+                backend: "default".into(),
+                prefix: PrefixChoice::Root(None)
+            })
+        );
+    }
+
+    #[test]
+    fn empty_mapping_is_the_defaults_and_empty_file_is_refused() {
+        let plan = check("{}").unwrap();
+        assert!(plan.allow_unlisted);
+        assert!(plan.rules.is_empty());
+        assert_eq!(plan.default_backend, "default");
+        assert!(matches!(check(" \n"), Err(ConfigError::Syntax(_))));
+    }
+
+    #[test]
+    fn refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "x").unwrap();
+        let ca = ca.display().to_string();
+        type Case = (&'static str, String, fn(&ConfigError) -> bool);
+        let cases: Vec<Case> = vec![
+            (
+                "unknown backend",
+                "tenants: [{namespace: a, backend: nope}]".into(),
+                |e| matches!(e, ConfigError::UnknownBackend { rule: 1, .. }),
+            ),
+            (
+                "unknown default backend",
+                "defaultBackend: nope".into(),
+                |e| matches!(e, ConfigError::UnknownDefaultBackend(_)),
+            ),
+            (
+                "duplicate backend",
+                "backends: [{name: x, endpoints: [http://a:1]}, {name: x, endpoints: [http://b:1]}]".into(),
+                |e| matches!(e, ConfigError::DuplicateBackend(_)),
+            ),
+            (
+                "no endpoints",
+                "backends: [{name: x, endpoints: []}]".into(),
+                |e| matches!(e, ConfigError::NoEndpoints(_)),
+            ),
+            (
+                "bad endpoint",
+                "backends: [{name: x, endpoints: ['unix:///run/etcd.sock']}]".into(),
+                |e| matches!(e, ConfigError::BadEndpoint { .. }),
+            ),
+            (
+                "missing tls file",
+                format!("backends: [{{name: x, endpoints: [https://a:1], tls: {{ca: {ca}, cert: /nonexistent/c.crt, key: /nonexistent/c.key}}}}]"),
+                |e| matches!(e, ConfigError::MissingFile { what: "cert", .. }),
+            ),
+            (
+                "cert without key",
+                format!("backends: [{{name: x, endpoints: [https://a:1], tls: {{cert: {ca}}}}}]"),
+                |e| matches!(e, ConfigError::CertWithoutKey(_)),
+            ),
+            (
+                "prefix without slashes",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: team-a}]".into(),
+                |e| matches!(e, ConfigError::BadPrefix(_)),
+            ),
+            (
+                "prefix not ending in slash",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /team-a}]".into(),
+                |e| matches!(e, ConfigError::BadPrefix(_)),
+            ),
+            (
+                "overlapping tenant prefixes",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /x/}, {namespace: c, serviceAccount: d, prefix: /x/y/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "the same prefix twice",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /x/}, {namespace: c, serviceAccount: d, prefix: /x/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "prefix inside the default root",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /etcd-shim/tenants/other/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "prefix over the lease records",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /etcd-shim/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "prefix root inside the lease records",
+                "tenants: [{namespace: a, prefixRoot: /etcd-shim/leases/x/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "nested prefix roots",
+                "tenants: [{namespace: a, prefixRoot: /r/}, {namespace: b, prefixRoot: /r/a/}]".into(),
+                |e| matches!(e, ConfigError::Overlap(..)),
+            ),
+            (
+                "prefix on a wildcard rule",
+                "tenants: [{namespace: a, prefix: /a/}]".into(),
+                |e| matches!(e, ConfigError::PrefixOnWildcard { rule: 1 }),
+            ),
+            (
+                "prefix and root",
+                "tenants: [{namespace: a, serviceAccount: b, prefix: /a/, prefixRoot: /r/}]".into(),
+                |e| matches!(e, ConfigError::PrefixAndRoot { .. }),
+            ),
+            (
+                "deny with a backend",
+                "tenants: [{namespace: a, action: deny, backend: default}]".into(),
+                |e| matches!(e, ConfigError::DenyWithRoute { .. }),
+            ),
+            (
+                "glob name",
+                "tenants: [{namespace: 'team-*'}]".into(),
+                |e| matches!(e, ConfigError::BadName { .. }),
+            ),
+            (
+                "unknown field",
+                "tenant: []".into(),
+                |e| matches!(e, ConfigError::Syntax(_)),
+            ),
+            (
+                "unknown action",
+                "tenants: [{namespace: a, action: maybe}]".into(),
+                |e| matches!(e, ConfigError::Syntax(_)),
+            ),
+        ];
+        for (name, yaml, ok) in cases {
+            match check(&yaml) {
+                Err(e) if ok(&e) => {}
+                other => panic!("{name}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn allowed_layouts() {
+        // Equal roots never mix tenants; a root beside the default one is fine; an https
+        // backend with existing TLS files is accepted (TLS itself is wired elsewhere).
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let d = dir.path().display();
+        let yaml = format!(
+            r#"
+backends:
+  - name: tls
+    endpoints: [https://etcd.example:2379]
+    tls: {{ca: {d}/ca.crt, cert: {d}/tls.crt, key: {d}/tls.key}}
+tenants:
+  - {{namespace: a, prefixRoot: /r/}}
+  - {{namespace: b, prefixRoot: /r/, backend: tls}}
+  - {{namespace: c, prefixRoot: /etcd-shim/tenants/}}
+  - {{namespace: d, serviceAccount: x, prefix: /d-x/}}
+  - {{namespace: d, serviceAccount: y, prefix: /d-y/}}
+"#
+        );
+        let plan = check(&yaml).unwrap();
+        assert_eq!(plan.rules.len(), 5);
+    }
+
+    /// Polls `f` every 10 ms for at most 5 s.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn reload_follows_the_file_and_keeps_the_old_config_when_broken() {
+        use crate::auth::{Identity, StaticTokens};
+        use crate::metrics::Metrics;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.yaml");
+        let first = "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}]\n";
+        std::fs::write(&path, first).unwrap();
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let broker = Broker::new(
+            &crate::BrokerConfig::default(),
+            Arc::new(StaticTokens::default()),
+            crate::upstream::Upstream::new(&["http://127.0.0.1:1".into()]).unwrap(),
+            metrics.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        apply_file(&broker, &path).unwrap();
+        let stop = CancellationToken::new();
+        // A long period: the directory watch must notice the writes.
+        let _task = follow(
+            broker.clone(),
+            path.clone(),
+            Duration::from_secs(3600),
+            Some(first.as_bytes().to_vec()),
+            stop.clone(),
+        );
+        let backend = |who: &str| {
+            broker
+                .resolve(&Identity::parse(who).unwrap())
+                .map(|t| t.backend.to_string())
+        };
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+        assert_eq!(backend("b/x").as_deref(), Some("default"));
+
+        // Broken: overlapping prefixes. Refused, counted, old config still routes.
+        std::fs::write(
+            &path,
+            "tenants: [{namespace: a, serviceAccount: x, prefix: /p/}, {namespace: b, serviceAccount: x, prefix: /p/q/}]",
+        )
+        .unwrap();
+        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 1).await);
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+
+        // Not even YAML: refused too.
+        std::fs::write(&path, "tenants: [unclosed").unwrap();
+        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 2).await);
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+
+        // A new rule is picked up: b goes to the second backend, c is denied.
+        std::fs::write(
+            &path,
+            "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}, {namespace: b, backend: second}, {namespace: c, action: deny}]\n",
+        )
+        .unwrap();
+        assert!(eventually(|| backend("b/x").as_deref() == Some("second")).await);
+        assert_eq!(backend("c/x"), None);
+        assert_eq!(metrics.reload_count(Reloaded::Config, true), 1);
+        stop.cancel();
+    }
+}
