@@ -134,18 +134,34 @@ impl PbLeaseService for Broker {
             }
         });
 
-        let mut upstream = t
-            .upstream
-            .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
-                "/etcdserverpb.Lease/LeaseKeepAlive",
-                request_from(&md, ReceiverStream::new(up_rx)),
-            )
-            .await?
-            .into_inner();
+        // etcd sends the stream's response headers only once a request reaches it, so
+        // waiting for them here would leave a client whose first keep-alive is for a
+        // foreign lease without an answer. Answer the call at once; open etcd's stream
+        // alongside.
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        broker.metrics().keepalive_streams.inc();
         tokio::spawn(async move {
+            let open = t
+                .upstream
+                .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
+                    "/etcdserverpb.Lease/LeaseKeepAlive",
+                    request_from(&md, ReceiverStream::new(up_rx)),
+                );
+            let mut upstream = tokio::select! {
+                opened = open => match opened {
+                    Ok(resp) => resp.into_inner(),
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    return;
+                }
+                _ = tx.closed() => return,
+            };
+            broker.metrics().keepalive_streams.inc();
             loop {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
