@@ -134,6 +134,19 @@ impl Drop for Proc {
     }
 }
 
+/// A temporary directory for etcd's data, in memory where the machine has a tmpfs: the
+/// tests are about what etcd answers, not its durability, and fsync on a busy disk can take
+/// seconds, long enough for etcd to answer "request timed out".
+fn data_dir() -> Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::tempdir_in(shm)
+    {
+        return Ok(dir);
+    }
+    Ok(tempfile::tempdir()?)
+}
+
 /// A single-member etcd on loopback with its data in a temporary directory.
 pub struct Etcd {
     pub url: String,
@@ -152,7 +165,7 @@ impl Etcd {
     pub fn start_with(extra: &[&str]) -> Result<Self> {
         let mut last = None;
         for _ in 0..5 {
-            let dir = tempfile::tempdir()?;
+            let dir = data_dir()?;
             let (client, peer) = (free_port(), free_port());
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
