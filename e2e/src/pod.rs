@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -114,12 +114,22 @@ impl Pod {
     /// ready (token loaded, broker answering).
     pub fn start_shim(&mut self, broker_port: u16, token: &str) -> Result<()> {
         std::fs::write(self.token_file(), token)?;
+        self.start_shim_reading(broker_port, &self.token_file())
+    }
+
+    /// Starts a shim like [`Pod::start_shim`] whose token is whatever `token_file` holds,
+    /// for tests that lay the file out (and rotate it) as the kubelet does.
+    pub fn start_shim_reading(&mut self, broker_port: u16, token_file: &Path) -> Result<()> {
         let broker = format!("http://{}:{broker_port}", self.host_ip);
-        self.start_shim_with(&["--broker", &broker])
+        self.start_shim_at(token_file, &["--broker", &broker])
     }
 
     /// Starts a shim with the given flags (plus listen, admin and token defaults).
     pub fn start_shim_with(&mut self, args: &[&str]) -> Result<()> {
+        self.start_shim_at(&self.token_file(), args)
+    }
+
+    fn start_shim_at(&mut self, token_file: &Path, args: &[&str]) -> Result<()> {
         let mut cmd = self.command(bin("etcd-shim"));
         cmd.args([
             "--listen",
@@ -128,7 +138,7 @@ impl Pod {
             "127.0.0.1:9379",
         ])
         .arg("--token-file")
-        .arg(self.token_file())
+        .arg(token_file)
         .args(["--token-reload-interval", "200ms"])
         .args(args)
         .env("RUST_LOG", "info,etcd_shim=debug");
