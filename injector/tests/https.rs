@@ -196,6 +196,8 @@ async fn fixtures_are_answered_over_https() {
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
+    // What a scraper gets from the admin port passes promtool's checks and lints.
+    etcd_shim_e2e::promtool_check(&etcd_shim_core::admin::to_prometheus_text(&metrics)).unwrap();
 }
 
 #[tokio::test]
