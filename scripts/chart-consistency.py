@@ -42,9 +42,8 @@ import yaml
 # listed here turns strict by itself once the binary supports what the chart renders.
 PENDING = {
     "broker-serving-tls": "the broker has no serving TLS flags yet (shim->broker TLS issue)",
-    "shim-https": "the shim refuses https:// broker URLs yet (shim->broker TLS issue)",
 }
-BROKER_TLS_FLAGS = {"tls-cert", "tls-key"}
+BROKER_TLS_FLAGS = {"tls-cert-file", "tls-key-file"}
 
 failures = []
 notes = []
@@ -164,7 +163,7 @@ class Help:
     def __init__(self, binary):
         text = subprocess.run([binary, "--help"], capture_output=True, text=True, check=True).stdout
         self.flags = set(re.findall(r"--([a-z0-9][a-z0-9-]*)", text))
-        self.envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", text))
+        self.envs = set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", text))
         self.defaults = {}
         # "      --token-audience <TOKEN_AUDIENCE>\n   ...   [env: ...] [default: etcd-shim]"
         for block in re.split(r"\n(?=\s+(?:-[a-zA-Z], )?--)", text):
@@ -249,12 +248,12 @@ def static_checks(docs, repo, namespace, helps):
     check(url.hostname == f"{bsvc['metadata']['name']}.{namespace}.svc",
           f"--broker-url host {url.hostname} is the broker Service")
     check(url.port == bports["grpc"]["port"], f"--broker-url port {url.port} is the Service's grpc port")
-    tls = "tls-cert" in bargs
+    tls = "tls-cert-file" in bargs
     check(url.scheme == ("https" if tls else "http"), f"--broker-url scheme {url.scheme} follows broker TLS ({tls})")
     check(("broker-ca-file" in iargs) == tls, "--broker-ca-file given exactly when the broker serves TLS")
     if tls:
         ca_mount = mount_for(ipod, ic, iargs["broker-ca-file"])
-        b_mount = mount_for(bpod, bc, bargs["tls-cert"])
+        b_mount = mount_for(bpod, bc, bargs["tls-cert-file"])
         check(ca_mount and b_mount, "broker TLS files are mounted")
         if ca_mount and b_mount:
             items = {i["path"] for i in ca_mount[1]["secret"].get("items") or []}
@@ -656,9 +655,6 @@ def check_injected(ctx, patched, helps):
           and env.get("ETCD_SHIM_SHIM_LOG_FORMAT") == iargs["shim-log-format"], "shim log settings = the rendered ones")
     check(env.get("ETCD_SHIM_SHIM_LISTEN") == "127.0.0.1:2379", "shim listens on 127.0.0.1:2379, the address apps are given")
     unknown = set(env) - helps["shim"].envs
-    if unknown == {"ETCD_SHIM_SHIM_BROKER_CA"} and iargs["broker-url"].startswith("https://"):
-        pending("shim-https", "the shim does not read ETCD_SHIM_SHIM_BROKER_CA, which the injector sets")
-        unknown = set()
     check(not unknown, f"every variable the injector sets is one the shim reads ({sorted(unknown) or 'all known'})")
     res = shim.get("resources", {})
     check(res.get("requests", {}).get("cpu") == iargs["shim-cpu-request"]
@@ -681,9 +677,6 @@ def check_injected(ctx, patched, helps):
 
 
 def run_shim(ctx, shim, env, admin, work, logs):
-    if env.get("ETCD_SHIM_SHIM_BROKER", "").startswith("https://"):
-        pending("shim-https", "starting the shim with an https broker URL")
-        return
     token = work / "shim" / "token"
     token.parent.mkdir(parents=True)
     token.write_text("placeholder-token\n")

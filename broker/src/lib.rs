@@ -20,7 +20,7 @@ mod maintenance;
 mod tenant;
 mod watch;
 
-pub use server::{BrokerConfig, serve};
+pub use server::{BrokerConfig, serve, serve_tls};
 pub use tenant::Tenant;
 
 use std::sync::Arc;

@@ -11,20 +11,42 @@ use etcd_shim_broker::auth::{Authenticator, StaticTokens};
 use etcd_shim_broker::config::{self, ConfigFile};
 use etcd_shim_broker::jwt::{self, Jwks, JwtVerifier};
 use etcd_shim_broker::metrics::Metrics;
+use etcd_shim_broker::metrics::Reloaded;
 use etcd_shim_broker::tokenreview::TokenReviewer;
 use etcd_shim_broker::upstream::Upstream;
 use etcd_shim_broker::{Broker, BrokerConfig};
 use etcd_shim_core::admin::{self, AdminState, Readiness};
 use etcd_shim_core::logging::{self, LogFormat};
 use etcd_shim_core::shutdown::Shutdown;
+use etcd_shim_core::tls::{
+    ReloadHook, ReloadOptions, ReloadOutcome, ServerTlsFiles, TlsAcceptorSource,
+};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
 #[command(name = "etcd-shim-broker", version, about)]
 struct Args {
-    /// Address for the gRPC API that shims call.
+    /// Address for the gRPC API that shims call. Served over TLS with --tls-cert-file
+    /// and --tls-key-file; without them in plaintext h2c, for local development only
+    /// (shims then need --broker-insecure-plaintext).
     #[arg(long, env = "ETCD_SHIM_BROKER_LISTEN", default_value = "0.0.0.0:2379")]
     listen: SocketAddr,
+    /// PEM certificate chain the gRPC port serves; reloaded when it changes (new
+    /// connections get the new one; broken material is refused and the old one stays).
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file; reloaded with it.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    tls_key_file: Option<PathBuf>,
+
     /// Address for /metrics, /live and /ready.
     #[arg(
         long,
@@ -163,6 +185,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     let shutdown = Shutdown::new();
+    let tls = serving_tls(&args, &metrics, &shutdown)?;
     let auth = authenticator(&args, mode, &metrics, &shutdown).await?;
     let cfg = BrokerConfig {
         tenant_prefix_root: args.tenant_prefix_root.clone(),
@@ -213,7 +236,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     tokio::spawn(async move { signals.on_signal().await });
 
-    let server = tokio::spawn(etcd_shim_broker::serve(listener, broker, shutdown.token()));
+    let server = match tls {
+        Some(tls) => tokio::spawn(etcd_shim_broker::serve_tls(
+            listener,
+            tls,
+            broker,
+            shutdown.token(),
+        )),
+        None => {
+            tracing::warn!("serving gRPC in plaintext (no --tls-cert-file): development only");
+            tokio::spawn(etcd_shim_broker::serve(listener, broker, shutdown.token()))
+        }
+    };
     shutdown.triggered().await;
     match tokio::time::timeout(args.drain_timeout, server).await {
         Ok(res) => res.context("server task")?.context("serving")?,
@@ -221,6 +255,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the gRPC port's serving certificate, if configured, and keeps it current.
+fn serving_tls(
+    args: &Args,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<TlsAcceptorSource>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let files = ServerTlsFiles::new(cert, key).with_alpn(&[b"h2"]);
+    let m = metrics.clone();
+    let hook: ReloadHook = Arc::new(move |outcome: &ReloadOutcome| match outcome {
+        ReloadOutcome::Reloaded { not_after } => {
+            m.reloaded(Reloaded::Tls, true);
+            m.tls_not_after.set(*not_after);
+        }
+        ReloadOutcome::Rejected { .. } => m.reloaded(Reloaded::Tls, false),
+    });
+    let tls = TlsAcceptorSource::start(
+        files,
+        ReloadOptions {
+            on_reload: Some(hook),
+            recheck_every: args.reload_interval,
+            ..ReloadOptions::default()
+        },
+        shutdown.token(),
+    )
+    .context("broker serving certificate")?;
+    metrics.tls_not_after.set(tls.stats().not_after_unix());
+    // Both outcomes show up in a scrape from the start, at zero.
+    for ok in [true, false] {
+        metrics.reload_count(Reloaded::Tls, ok);
+    }
+    Ok(Some(tls))
 }
 
 /// Builds the authenticator for `mode`, with whatever background reloading it needs.
@@ -343,6 +413,30 @@ mod tests {
         assert_eq!(a.token_audience, "etcd-shim");
         assert_eq!(a.reload_interval, Duration::from_secs(30));
         assert_eq!(a.config, None);
+        assert_eq!(
+            a.tls_cert_file, None,
+            "plaintext unless a certificate is given"
+        );
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["b", "--static-tokens-file", "/t"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v)
+        };
+        let a = parse(&["--tls-cert-file", "/c", "--tls-key-file", "/k"]).unwrap();
+        assert_eq!(a.tls_cert_file.as_deref(), Some(std::path::Path::new("/c")));
+        assert_eq!(a.tls_key_file.as_deref(), Some(std::path::Path::new("/k")));
+        assert!(
+            parse(&["--tls-cert-file", "/c"]).is_err(),
+            "a key is needed"
+        );
+        assert!(
+            parse(&["--tls-key-file", "/k"]).is_err(),
+            "a certificate is needed"
+        );
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub token_reviews: Family<OutcomeLabels, Counter>,
     /// Authentications answered from the token cache.
     pub token_cache_hits: Counter,
+    /// Serving certificate reloads by outcome (`success`, `failure`).
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
+    /// notAfter of the serving certificate in force, unix seconds; 0 without TLS.
+    pub tls_not_after: Gauge,
 }
 
 impl Metrics {
@@ -69,6 +73,8 @@ impl Metrics {
             jwks_reloads: Family::default(),
             token_reviews: Family::default(),
             token_cache_hits: Counter::default(),
+            tls_reloads: Family::default(),
+            tls_not_after: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
@@ -126,6 +132,16 @@ impl Metrics {
             "Authentications answered from the broker's token cache",
             m.token_cache_hits.clone(),
         );
+        r.register(
+            "tls_reloads",
+            "Serving certificate reloads after a file change, by outcome; on failure the old certificate stays",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "tls_certificate_not_after_seconds",
+            "Expiry of the serving certificate in force, unix seconds (0: plaintext)",
+            m.tls_not_after.clone(),
+        );
         m
     }
 
@@ -133,6 +149,7 @@ impl Metrics {
         match what {
             Reloaded::Config => &self.config_reloads,
             Reloaded::Jwks => &self.jwks_reloads,
+            Reloaded::Tls => &self.tls_reloads,
         }
     }
 
@@ -192,6 +209,8 @@ impl Metrics {
 pub enum Reloaded {
     Config,
     Jwks,
+    /// The gRPC port's serving certificate.
+    Tls,
 }
 
 /// gRPC code names as other gRPC servers label them.

@@ -1,5 +1,6 @@
 //! The broker's gRPC server: every etcd service plus `grpc.health.v1.Health`, with
-//! etcd's message limits and keepalive tolerance.
+//! etcd's message limits and keepalive tolerance, over plaintext h2c or over TLS with a
+//! certificate that is reloaded while serving.
 
 use std::time::Duration;
 
@@ -7,11 +8,15 @@ use etcd_client::proto::{
     PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbStatusRequest,
     PbStatusResponse, PbWatchServer,
 };
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use etcd_shim_core::tls::TlsAcceptorSource;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 
 use crate::Broker;
 use crate::lock::{AuthService, ElectionService, LockService};
@@ -42,16 +47,87 @@ impl Default for BrokerConfig {
     }
 }
 
-/// Serves the broker's gRPC API on `listener` until `shutdown` is cancelled, then waits
-/// for open calls (streams end by themselves on shutdown).
+/// A client that connects and never finishes the TLS handshake must not hold a task
+/// forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the broker's gRPC API in plaintext on `listener` until `shutdown` is cancelled,
+/// then waits for open calls (streams end by themselves on shutdown).
 pub async fn serve(
     listener: TcpListener,
     broker: Broker,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "broker listening");
+        tracing::info!(%addr, "broker listening (plaintext)");
     }
+    router(broker)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+}
+
+/// Like [`serve`], over TLS: every new connection is accepted with the latest good
+/// certificate from `tls`, so a rotated certificate applies without dropping the
+/// connections already open.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: TlsAcceptorSource,
+    broker: Broker,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "broker listening (TLS)");
+    }
+    let incoming = tls_incoming(listener, tls, shutdown.clone());
+    router(broker)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+/// Accepts connections and completes their handshakes off the accept loop, so one slow
+/// client cannot hold up the others.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: TlsAcceptorSource,
+    shutdown: CancellationToken,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually out of file descriptors; pausing lets connections end
+                        // instead of spinning on the same error.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            // Taken per connection: a reloaded certificate applies from the next one on.
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Every service the broker serves, with etcd's limits.
+fn router(broker: Broker) -> Router {
     // etcd reports the empty service name as SERVING; so does the broker.
     let (_reporter, health) = tonic_health::server::health_reporter();
     let b = broker;
@@ -88,8 +164,6 @@ pub async fn serve(
         .add_service(LockService(b.clone()))
         .add_service(ElectionService(b.clone()))
         .add_service(health)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await
 }
 
 impl Broker {

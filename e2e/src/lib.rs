@@ -370,6 +370,7 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
 
 pub mod pod;
 pub use pod::Pod;
+pub mod tls;
 
 /// `promtool` from PATH or from the project's `.tools` (scripts/setup puts it there).
 pub fn promtool() -> PathBuf {

@@ -39,6 +39,8 @@ pub struct Pod {
     pub pod_ip: Ipv4Addr,
     pub dir: tempfile::TempDir,
     shim: Option<Proc>,
+    /// Shims started so far, so each one gets its own log file.
+    spawn_count: u32,
     _slot: File,
 }
 
@@ -95,6 +97,7 @@ impl Pod {
             pod_ip,
             dir: tempfile::tempdir()?,
             shim: None,
+            spawn_count: 0,
             _slot: lock,
         })
     }
@@ -121,7 +124,7 @@ impl Pod {
     /// for tests that lay the file out (and rotate it) as the kubelet does.
     pub fn start_shim_reading(&mut self, broker_port: u16, token_file: &Path) -> Result<()> {
         let broker = format!("http://{}:{broker_port}", self.host_ip);
-        self.start_shim_at(token_file, &["--broker", &broker])
+        self.start_shim_at(token_file, &["--broker", &broker, "--broker-insecure-plaintext"])
     }
 
     /// Starts a shim with the given flags (plus listen, admin and token defaults).
@@ -130,6 +133,20 @@ impl Pod {
     }
 
     fn start_shim_at(&mut self, token_file: &Path, args: &[&str]) -> Result<()> {
+        self.spawn_shim_at(token_file, args)?;
+        self.wait_shim_ready()
+    }
+
+    /// Starts a shim like [`Pod::start_shim_with`] without waiting for it to be ready
+    /// (for shims that must not become ready). A shim already running is killed first.
+    pub fn spawn_shim(&mut self, args: &[&str]) -> Result<()> {
+        self.spawn_shim_at(&self.token_file(), args)
+    }
+
+    fn spawn_shim_at(&mut self, token_file: &Path, args: &[&str]) -> Result<()> {
+        if let Some(mut old) = self.shim.take() {
+            old.kill();
+        }
         let mut cmd = self.command(bin("etcd-shim"));
         cmd.args([
             "--listen",
@@ -142,17 +159,28 @@ impl Pod {
         .args(["--token-reload-interval", "200ms"])
         .args(args)
         .env("RUST_LOG", "info,etcd_shim=debug");
-        let mut proc = Proc::spawn(&format!("shim-{}", self.name), cmd, self.dir.path())?;
+        self.spawn_count += 1;
+        let name = format!("shim-{}-{}", self.name, self.spawn_count);
+        self.shim = Some(Proc::spawn(&name, cmd, self.dir.path())?);
+        Ok(())
+    }
+
+    /// Waits until the shim answers /ready with 200 (token loaded, broker answering).
+    pub fn wait_shim_ready(&mut self) -> Result<()> {
         let ns = self.name.clone();
+        let proc = self.shim.as_mut().context("no shim started")?;
         wait_for("shim to be ready", Duration::from_secs(20), || {
             if !proc.is_running() {
                 return Some(Err(anyhow::anyhow!("shim exited: {}", proc.log())));
             }
             let ready = in_netns(&ns, || http_get("127.0.0.1:9379", "/ready")).ok()?;
             matches!(ready, Ok((200, _))).then_some(Ok(()))
-        })??;
-        self.shim = Some(proc);
-        Ok(())
+        })?
+    }
+
+    /// The shim's `/ready` answer: status code and body (the failing conditions).
+    pub fn shim_readiness(&self) -> Result<(u16, String)> {
+        in_netns(&self.name, || http_get("127.0.0.1:9379", "/ready"))?
     }
 
     pub fn shim(&mut self) -> &mut Proc {

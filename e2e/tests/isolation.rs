@@ -1707,6 +1707,7 @@ fn a_shim_with_a_wrong_token_gets_nothing() -> Result<()> {
     pod.start_shim_with(&[
         "--broker",
         &format!("http://{}:{}", pod.host_ip, fx.env.broker.port),
+        "--broker-insecure-plaintext",
     ])?;
     in_pod(&pod, |mut c| async move {
         let u = |what: &str, r: std::result::Result<(), Error>| {

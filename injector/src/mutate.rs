@@ -292,6 +292,11 @@ fn shim_container(s: &Settings<'_>) -> Container {
     if let Some(ca) = &s.cfg.broker_ca {
         env_vars.push(env("ETCD_SHIM_SHIM_BROKER_CA", ca));
     }
+    // The shim refuses plaintext unless told; an operator who configured an http://
+    // broker (a development cluster) has said so already.
+    if s.cfg.broker_url.starts_with("http://") {
+        env_vars.push(env("ETCD_SHIM_SHIM_BROKER_INSECURE_PLAINTEXT", "true"));
+    }
     env_vars.extend([
         env(
             "ETCD_SHIM_SHIM_TOKEN_FILE",
@@ -594,6 +599,24 @@ mod tests {
         assert_eq!(
             env_value(&shim, "ETCD_SHIM_SHIM_BROKER_CA"),
             cfg.broker_ca.as_deref()
+        );
+    }
+
+    #[test]
+    fn plaintext_is_allowed_only_for_an_http_broker() {
+        let (_, shim) = injected(minimal(), &InjectConfig::default());
+        assert_eq!(
+            env_value(&shim, "ETCD_SHIM_SHIM_BROKER_INSECURE_PLAINTEXT"),
+            None
+        );
+        let cfg = InjectConfig {
+            broker_url: "http://broker.dev.svc:2379".into(),
+            ..InjectConfig::default()
+        };
+        let (_, shim) = injected(minimal(), &cfg);
+        assert_eq!(
+            env_value(&shim, "ETCD_SHIM_SHIM_BROKER_INSECURE_PLAINTEXT"),
+            Some("true")
         );
     }
 

@@ -78,12 +78,79 @@ pub fn ok(framed: Bytes) -> Response<LocalBody> {
 /// A trailers-only error response.
 pub fn error(code: Code, message: &str) -> Response<LocalBody> {
     let mut resp = grpc_response(LocalBody::default());
-    let h = resp.headers_mut();
+    resp.headers_mut().extend(status_trailers(code, message));
+    resp
+}
+
+/// The broker's response body, passed through frame by frame. If the broker connection
+/// breaks mid-stream the app gets trailers with Unavailable instead of a reset stream
+/// (which gRPC clients report as Internal), so it retries reads and resumes watches the
+/// way it would after any etcd failover. The call is never replayed.
+#[derive(Debug)]
+pub struct Relayed<B> {
+    inner: B,
+    /// Set once trailers were made up after an error; the body then ends.
+    failed: bool,
+}
+
+impl<B> Relayed<B> {
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            failed: false,
+        }
+    }
+}
+
+impl<B> Body for Relayed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.failed = true;
+                tracing::warn!(error = %e, "broker connection lost during a call");
+                let message = format!("etcd-shim: broker connection lost: {e}");
+                Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
+                    Code::Unavailable,
+                    &message,
+                )))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.failed {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+fn status_trailers(code: Code, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
     h.insert("grpc-status", HeaderValue::from(code as u16));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
         h.insert("grpc-message", v);
     }
-    resp
+    h
 }
 
 /// gRPC's percent-encoding of `grpc-message`: printable ASCII except `%` stays as is.
@@ -135,6 +202,36 @@ mod tests {
         let trailers = collected.trailers().cloned().unwrap();
         assert_eq!(status_of(&trailers), Some(0));
         assert_eq!(collected.to_bytes().as_ref(), &[0, 0, 0, 0, 1, b'x']);
+    }
+
+    /// A body that yields one data frame and then fails, like a broker that died.
+    struct Breaks(u8);
+
+    impl Body for Breaks {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0 += 1;
+            Poll::Ready(Some(match self.0 {
+                1 => Ok(Frame::data(Bytes::from_static(b"abc"))),
+                _ => Err("connection reset"),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_broker_stream_ends_with_unavailable() {
+        let collected = Relayed::new(Breaks(0)).collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(status_of(&trailers), Some(14));
+        assert_eq!(
+            trailers["grpc-message"],
+            "etcd-shim: broker connection lost: connection reset"
+        );
+        assert_eq!(collected.to_bytes().as_ref(), b"abc");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! with traffic.
 
 pub mod authority;
+pub mod connect;
+pub mod endpoint;
 pub mod grpc;
 pub mod metrics;
 pub mod token;
@@ -14,54 +16,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
 use tokio::net::TcpListener;
 
 use etcd_shim_core::shutdown::Shutdown;
 
+pub use connect::{Dialer, Trust};
+pub use endpoint::Endpoints;
 pub use token::TokenSource;
 
 /// What the app may have sent as credentials; the shim's own token replaces them.
 const APP_AUTH_HEADERS: &[&str] = &["authorization", "token"];
 
 /// The response body: the broker's or one the shim made, metered either way.
-pub type ShimBody = metrics::Metered<Either<Incoming, grpc::LocalBody>>;
-
-/// Where and how to reach the broker.
-#[derive(Clone, Debug)]
-pub struct BrokerTarget {
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl BrokerTarget {
-    /// Parses `http://host:port` (plaintext) or `https://host:port`.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("invalid broker URL {url:?}: {e}"))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| format!("broker URL {url:?} needs http:// or https://"))?;
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("broker URL {url:?} needs a host"))?;
-        if authority.port().is_none() {
-            return Err(format!("broker URL {url:?} needs a port"));
-        }
-        Ok(Self { scheme, authority })
-    }
-}
+pub type ShimBody = metrics::Metered<Either<grpc::Relayed<Incoming>, grpc::LocalBody>>;
 
 /// Forwards calls to the broker.
 #[derive(Clone)]
@@ -70,10 +45,10 @@ pub struct Forwarder {
 }
 
 struct ForwarderInner {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<Dialer, Incoming>,
     /// Empty-bodied client for the shim's own health probes.
-    probe_client: Client<HttpConnector, Full<Bytes>>,
-    target: BrokerTarget,
+    probe_client: Client<Dialer, Full<Bytes>>,
+    target: Endpoints,
     token: TokenSource,
     /// The MemberList answer, framed once: one member whose client URL is this shim.
     member_list: Bytes,
@@ -82,15 +57,12 @@ struct ForwarderInner {
 
 impl Forwarder {
     pub fn new(
-        target: BrokerTarget,
+        target: Endpoints,
+        dialer: Dialer,
         token: TokenSource,
         advertise: SocketAddr,
         metrics: Arc<metrics::Metrics>,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(3)));
-        http.enforce_http(false);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .http2_only(true)
@@ -104,8 +76,8 @@ impl Forwarder {
             .http2_initial_connection_window_size(4 << 20)
             .http2_adaptive_window(false)
             .pool_idle_timeout(Duration::from_secs(300));
-        let client = builder.build(http.clone());
-        let probe_client = builder.build(http);
+        let client = builder.build(dialer.clone());
+        let probe_client = builder.build(dialer);
         Self {
             inner: Arc::new(ForwarderInner {
                 client,
@@ -144,7 +116,10 @@ impl Forwarder {
         &self.inner.metrics
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Either<Incoming, grpc::LocalBody>> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> Response<Either<grpc::Relayed<Incoming>, grpc::LocalBody>> {
         let path = req.uri().path();
         if path == "/etcdserverpb.Cluster/MemberList" {
             return grpc::ok(self.inner.member_list.clone()).map(Either::Right);
@@ -178,10 +153,10 @@ impl Forwarder {
             .request(Request::from_parts(parts, body))
             .await
         {
-            Ok(resp) => resp.map(Either::Left),
+            Ok(resp) => resp.map(|b| Either::Left(grpc::Relayed::new(b))),
             Err(e) => {
                 self.inner.metrics.broker_errors.inc();
-                tracing::warn!(error = %e, broker = %self.inner.target.authority, "broker call failed");
+                tracing::warn!(error = %error_chain(&e), "broker call failed");
                 grpc::error(
                     grpc::Code::Unavailable,
                     &format!("etcd-shim: broker unavailable: {}", error_chain(&e)),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use etcd_shim::{BrokerTarget, Forwarder, TokenSource};
+use etcd_shim::{Dialer, Endpoints, Forwarder, TokenSource, Trust};
 use etcd_shim_core::admin::{self, AdminState, Readiness};
 use etcd_shim_core::logging::{self, LogFormat};
 use etcd_shim_core::shutdown::Shutdown;
@@ -27,9 +27,30 @@ struct Args {
         default_value = "0.0.0.0:9379"
     )]
     admin_listen: SocketAddr,
-    /// The broker's URL: `http://host:port` (plaintext) or `https://host:port`.
+    /// The broker: `https://host:port`, or several comma-separated URLs of brokers to
+    /// fail over between. A name that resolves to several addresses counts as several
+    /// brokers. `http://` only with --broker-insecure-plaintext.
     #[arg(long, env = "ETCD_SHIM_SHIM_BROKER")]
     broker: String,
+    /// PEM bundle of the CAs the broker's certificate must chain to; re-read for every
+    /// new connection, so a rotated bundle applies without a restart.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_SHIM_BROKER_CA_FILE",
+        conflicts_with = "broker_ca"
+    )]
+    broker_ca_file: Option<PathBuf>,
+    /// The same bundle as PEM text (what the injector passes to injected shims).
+    #[arg(long, env = "ETCD_SHIM_SHIM_BROKER_CA", hide_env_values = true)]
+    broker_ca: Option<String>,
+    /// Allow `http://` broker URLs: the pod's token and data cross the network in the
+    /// clear. For local development only.
+    #[arg(long, env = "ETCD_SHIM_SHIM_BROKER_INSECURE_PLAINTEXT")]
+    broker_insecure_plaintext: bool,
+    /// Longest wait for one broker address to accept a connection (and again for the
+    /// TLS handshake) before the next address is tried.
+    #[arg(long, env = "ETCD_SHIM_SHIM_BROKER_CONNECT_TIMEOUT", default_value = "1s", value_parser = etcd_shim_core::parse_duration)]
+    broker_connect_timeout: Duration,
     /// The pod's projected service-account token (audience etcd-shim).
     #[arg(
         long,
@@ -68,12 +89,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let target = BrokerTarget::parse(&args.broker).map_err(anyhow::Error::msg)?;
-    if target.scheme == http::uri::Scheme::HTTPS {
-        anyhow::bail!(
-            "TLS to the broker is not supported by this build yet; use an http:// broker URL"
-        );
-    }
+    let (target, dialer) = broker_dialer(&args)?;
     let shutdown = Shutdown::new();
     let (token, _) = TokenSource::spawn(
         args.token_file.clone(),
@@ -86,7 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let advertise = listener.local_addr()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = etcd_shim::metrics::Metrics::new(&mut registry);
-    let forwarder = Forwarder::new(target, token.clone(), advertise, metrics);
+    let forwarder = Forwarder::new(target, dialer, token.clone(), advertise, metrics);
 
     let readiness = Readiness::new();
     readiness.register("token");
@@ -115,6 +131,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
     shutdown.drain(args.drain_timeout).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Checks the broker flags against each other and builds the dialer.
+fn broker_dialer(args: &Args) -> anyhow::Result<(Endpoints, Dialer)> {
+    let target = Endpoints::parse(&args.broker).context("--broker")?;
+    let trust = if target.is_tls() {
+        match (&args.broker_ca_file, &args.broker_ca) {
+            (Some(path), _) => Some(Trust::load(path)?),
+            (None, Some(pem)) => Some(Trust::from_pem("--broker-ca", pem)?),
+            (None, None) => anyhow::bail!(
+                "an https:// broker needs --broker-ca-file (the CA bundle the broker's certificate chains to)"
+            ),
+        }
+    } else if args.broker_insecure_plaintext {
+        tracing::warn!(
+            "talking to the broker in plaintext (--broker-insecure-plaintext): development only"
+        );
+        None
+    } else {
+        anyhow::bail!(
+            "refusing plaintext http:// to the broker: the pod's token would cross the network in the clear; \
+             use https:// with --broker-ca-file, or pass --broker-insecure-plaintext for local development"
+        );
+    };
+    tracing::info!(
+        brokers = target.list.len(),
+        tls = target.is_tls(),
+        "broker endpoints configured"
+    );
+    Ok((
+        target.clone(),
+        Dialer::new(target, trust, args.broker_connect_timeout),
+    ))
 }
 
 /// Ready means: a token is at hand and the broker answers its health check.
@@ -152,8 +201,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn broker_flags_are_checked_together() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["etcd-shim"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap()
+        };
+        let err = |a: Args| format!("{:#}", broker_dialer(&a).unwrap_err());
+        let e = err(args(&["--broker", "http://b:2379"]));
+        assert!(e.contains("--broker-insecure-plaintext"), "{e}");
+        assert!(
+            broker_dialer(&args(&[
+                "--broker",
+                "http://b:1",
+                "--broker-insecure-plaintext"
+            ]))
+            .is_ok()
+        );
+        let e = err(args(&["--broker", "https://b:2379"]));
+        assert!(e.contains("--broker-ca-file"), "{e}");
+        let e = err(args(&[
+            "--broker",
+            "https://b:2379",
+            "--broker-ca-file",
+            "/absent/ca.crt",
+        ]));
+        assert!(e.contains("/absent/ca.crt"), "{e}");
+        let e = err(args(&["--broker", "https://a:1,http://b:2"]));
+        assert!(e.contains("mix"), "{e}");
+        assert!(
+            Args::try_parse_from([
+                "etcd-shim",
+                "--broker",
+                "https://b:1",
+                "--broker-ca-file",
+                "f",
+                "--broker-ca",
+                "x"
+            ])
+            .is_err(),
+            "a file and text are exclusive"
+        );
+    }
+
+    #[test]
     fn flags() {
         let a = Args::try_parse_from(["etcd-shim", "--broker", "http://b:2379"]).unwrap();
+        assert_eq!(a.broker_connect_timeout, Duration::from_secs(1));
+        assert!(!a.broker_insecure_plaintext);
         assert_eq!(a.listen, "127.0.0.1:2379".parse().unwrap());
         assert_eq!(a.admin_listen.port(), 9379);
         assert_eq!(

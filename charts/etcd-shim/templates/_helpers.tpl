@@ -268,8 +268,8 @@ templates/broker/deployment.yaml.
 - {{ print "--issuer=" $b.auth.issuer | quote }}
 {{- end }}
 {{- if $b.tls.enabled }}
-- {{ print "--tls-cert=" (include "etcd-shim.brokerTlsDir" .) "/tls.crt" | quote }}
-- {{ print "--tls-key=" (include "etcd-shim.brokerTlsDir" .) "/tls.key" | quote }}
+- {{ print "--tls-cert-file=" (include "etcd-shim.brokerTlsDir" .) "/tls.crt" | quote }}
+- {{ print "--tls-key-file=" (include "etcd-shim.brokerTlsDir" .) "/tls.key" | quote }}
 {{- end }}
 - {{ print "--tenant-prefix-root=" .Values.etcd.tenantPrefixRoot | quote }}
 - {{ print "--lease-prefix=" .Values.etcd.leasePrefix | quote }}
