@@ -82,19 +82,36 @@ impl PbWatchService for Broker {
             }
         });
 
-        let mut upstream = t
-            .upstream
-            .streaming::<_, PbWatchRequest, PbWatchResponse>(
-                "/etcdserverpb.Watch/Watch",
-                request_from(&md, ReceiverStream::new(up_rx)),
-            )
-            .await?
-            .into_inner();
-
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         broker.metrics().watch_streams.inc();
         tokio::spawn(async move {
+            // Connected here rather than before answering the client: etcd sends its
+            // response headers only once a watch is created, and a stream whose first
+            // create the broker refused itself must still get its answer.
+            let connect = t.upstream.streaming::<_, PbWatchRequest, PbWatchResponse>(
+                "/etcdserverpb.Watch/Watch",
+                request_from(&md, ReceiverStream::new(up_rx)),
+            );
+            let mut upstream = tokio::select! {
+                r = connect => match r {
+                    Ok(r) => r.into_inner(),
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        broker.metrics().watch_streams.dec();
+                        return;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    broker.metrics().watch_streams.dec();
+                    return;
+                }
+                _ = tx.closed() => {
+                    broker.metrics().watch_streams.dec();
+                    return;
+                }
+            };
             loop {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
