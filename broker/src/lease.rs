@@ -141,18 +141,38 @@ impl PbLeaseService for Broker {
             }
         });
 
-        let mut upstream = t
-            .upstream
-            .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
-                "/etcdserverpb.Lease/LeaseKeepAlive",
-                request_from(&md, ReceiverStream::new(up_rx)),
-            )
-            .await?
-            .into_inner();
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         broker.metrics().keepalive_streams.inc();
         tokio::spawn(async move {
+            // Connected here rather than before answering the client: etcd sends its
+            // response headers only once a request reaches it, and a stream whose first
+            // request names a foreign lease is answered by the broker alone.
+            let connect = t
+                .upstream
+                .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
+                    "/etcdserverpb.Lease/LeaseKeepAlive",
+                    request_from(&md, ReceiverStream::new(up_rx)),
+                );
+            let mut upstream = tokio::select! {
+                r = connect => match r {
+                    Ok(r) => r.into_inner(),
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        broker.metrics().keepalive_streams.dec();
+                        return;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    broker.metrics().keepalive_streams.dec();
+                    return;
+                }
+                _ = tx.closed() => {
+                    broker.metrics().keepalive_streams.dec();
+                    return;
+                }
+            };
             loop {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
