@@ -388,6 +388,31 @@ fn a_full_tenant_gets_nospace_can_clean_up_and_every_replica_agrees() -> Result<
         .is_some_and(|n| n >= 4.0),
         "{scrape}"
     );
+
+    // A reloaded config raises the quota; the usage already counted carries over, so
+    // there is room for exactly one more pair.
+    let path = broker
+        .config_dir
+        .as_ref()
+        .context("config dir")?
+        .path()
+        .join("broker.yaml");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, QUOTA.replace("bytes: 4096", "bytes: 5200"))?;
+    std::fs::rename(&tmp, &path)?;
+    etcd_shim_e2e::wait_for("the raised quota", Duration::from_secs(20), || {
+        a.run(|| async { Ok(connect().await?.put("k16", value(), None).await.is_ok()) })
+            .ok()
+            .filter(|ok| *ok)
+    })?;
+    a.run(|| async {
+        let mut c = connect().await?;
+        expect_refused(
+            "past the raised quota",
+            c.put("k17", value(), None).await,
+            NO_SPACE,
+        )
+    })?;
     Ok(())
 }
 
