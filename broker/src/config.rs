@@ -23,7 +23,7 @@ use crate::metrics::Reloaded;
 pub const IMPLICIT_BACKEND: &str = "default";
 
 /// The file as written.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigFile {
     /// etcd clusters tenants can be routed to, besides the implicit `default`.
@@ -39,6 +39,17 @@ pub struct ConfigFile {
     /// Tenant rules; the first rule that matches an identity decides.
     #[serde(default)]
     pub tenants: Vec<TenantRule>,
+    /// Limits of every tenant whose rule sets none (unlisted tenants included).
+    #[serde(default)]
+    pub default_limits: Option<LimitsSpec>,
+    /// How often a tenant's key and byte usage is measured from etcd while it writes
+    /// (a duration such as `30s`); 30 s when unset.
+    #[serde(default)]
+    pub usage_refresh_interval: Option<String>,
+    /// Writes through one broker after which a tenant's usage is measured again; 1000
+    /// when unset.
+    #[serde(default)]
+    pub usage_refresh_writes: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -73,7 +84,7 @@ pub struct BackendTls {
 }
 
 /// Which identities a rule is about, and what happens to them.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TenantRule {
     /// Namespace name, or `*` (the default) for any.
@@ -94,6 +105,154 @@ pub struct TenantRule {
     /// Matched tenants live under `<prefixRoot><ns>/<sa>/` instead of the default root.
     #[serde(default)]
     pub prefix_root: Option<String>,
+    /// Limits of each matched tenant, replacing `defaultLimits` as a whole.
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+}
+
+/// Per-tenant limits as written; every field left out is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Sustained read calls per second (Range, read-only Txn, watch creation, ...).
+    #[serde(default)]
+    pub reads_per_second: Option<f64>,
+    /// Reads allowed at once after a quiet spell; `readsPerSecond` rounded up when unset.
+    #[serde(default)]
+    pub read_burst: Option<u32>,
+    /// Sustained write calls per second (Put, DeleteRange, Txn with writes, leases, ...).
+    #[serde(default)]
+    pub writes_per_second: Option<f64>,
+    /// Writes allowed at once after a quiet spell; `writesPerSecond` rounded up when unset.
+    #[serde(default)]
+    pub write_burst: Option<u32>,
+    /// Unary calls in flight at once, per broker replica.
+    #[serde(default)]
+    pub concurrent_requests: Option<u32>,
+    /// Watches open at once, per broker replica.
+    #[serde(default)]
+    pub watches: Option<u32>,
+    /// Leases alive at once (counted in etcd, so across replicas).
+    #[serde(default)]
+    pub leases: Option<u32>,
+    /// Keys stored under the tenant's prefix.
+    #[serde(default)]
+    pub keys: Option<u64>,
+    /// Bytes of keys (as the tenant names them) plus values stored under the prefix: a
+    /// number or a quantity such as `64Mi` or `1G`.
+    #[serde(default)]
+    pub bytes: Option<ByteSize>,
+}
+
+/// A byte count written as a number or a Kubernetes-style quantity.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Number(u64),
+    Quantity(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Option<u64> {
+        let s = match self {
+            ByteSize::Number(n) => return Some(*n),
+            ByteSize::Quantity(s) => s.trim(),
+        };
+        const UNITS: [(&str, u64); 8] = [
+            ("Ki", 1 << 10),
+            ("Mi", 1 << 20),
+            ("Gi", 1 << 30),
+            ("Ti", 1 << 40),
+            ("k", 1_000),
+            ("M", 1_000_000),
+            ("G", 1_000_000_000),
+            ("T", 1_000_000_000_000),
+        ];
+        let (num, mult) = UNITS
+            .iter()
+            .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
+            .unwrap_or((s, 1));
+        num.parse::<u64>().ok()?.checked_mul(mult)
+    }
+}
+
+/// A validated rate: tokens per second into a bucket of `burst`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// Validated limits; `None` is unlimited.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    pub reads: Option<Rate>,
+    pub writes: Option<Rate>,
+    pub concurrent_requests: Option<u32>,
+    pub watches: Option<u32>,
+    pub leases: Option<u32>,
+    pub keys: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+impl Limits {
+    /// Whether writes are accounted against a key or byte quota.
+    pub fn has_quota(&self) -> bool {
+        self.keys.is_some() || self.bytes.is_some()
+    }
+}
+
+impl LimitsSpec {
+    /// Checks the values; `at` names the block in messages.
+    pub fn validate(&self, at: &str) -> Result<Limits, ConfigError> {
+        let bad = |error: String| ConfigError::BadLimit {
+            at: at.to_owned(),
+            error,
+        };
+        let rate = |what: &str, rate: Option<f64>, burst: Option<u32>| match (rate, burst) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(bad(format!("{what}Burst needs {what}sPerSecond"))),
+            (Some(r), burst) => {
+                if !r.is_finite() || r <= 0.0 {
+                    return Err(bad(format!(
+                        "{what}sPerSecond must be a positive number (leave it out for no limit)"
+                    )));
+                }
+                let burst = match burst {
+                    Some(0) => return Err(bad(format!("{what}Burst must be at least 1"))),
+                    Some(b) => b,
+                    None => r.ceil().min(u32::MAX as f64) as u32,
+                };
+                Ok(Some(Rate {
+                    per_second: r,
+                    burst: burst.max(1),
+                }))
+            }
+        };
+        if self.concurrent_requests == Some(0) {
+            return Err(bad(
+                "concurrentRequests must be at least 1 (use action: deny to refuse a tenant)"
+                    .into(),
+            ));
+        }
+        let bytes = match &self.bytes {
+            None => None,
+            Some(b) => Some(b.bytes().ok_or_else(|| {
+                bad(format!(
+                    "bytes {b:?} is neither a number nor a quantity like 64Mi"
+                ))
+            })?),
+        };
+        Ok(Limits {
+            reads: rate("read", self.reads_per_second, self.read_burst)?,
+            writes: rate("write", self.writes_per_second, self.write_burst)?,
+            concurrent_requests: self.concurrent_requests,
+            watches: self.watches,
+            leases: self.leases,
+            keys: self.keys,
+            bytes,
+        })
+    }
 }
 
 fn star() -> String {
@@ -139,7 +298,7 @@ pub enum ConfigError {
     UnknownBackend { rule: usize, backend: String },
     #[error("tenant rule {rule}: {value:?} is neither \"*\" nor a valid name")]
     BadName { rule: usize, value: String },
-    #[error("tenant rule {rule}: a deny rule takes no backend, prefix or prefixRoot")]
+    #[error("tenant rule {rule}: a deny rule takes no backend, prefix, prefixRoot or limits")]
     DenyWithRoute { rule: usize },
     #[error(
         "tenant rule {rule}: prefix needs an exact namespace and serviceAccount (use prefixRoot)"
@@ -151,6 +310,8 @@ pub enum ConfigError {
     BadPrefix(String),
     #[error("prefixes overlap: {0} and {1}")]
     Overlap(String, String),
+    #[error("{at}: {error}")]
+    BadLimit { at: String, error: String },
 }
 
 /// Settings that come from flags and that the file builds on.
@@ -164,7 +325,7 @@ pub struct Base {
 
 /// A validated config: what the tenant resolver executes. Backends are referred to by
 /// index into `backends`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     /// Backends defined in the file (the implicit one is not listed unless redefined).
     pub backends: Vec<BackendSpec>,
@@ -172,14 +333,38 @@ pub struct Plan {
     pub default_backend: String,
     pub allow_unlisted: bool,
     pub rules: Vec<Rule>,
+    /// Limits of tenants whose rule sets none.
+    pub default_limits: Limits,
+    /// How usage is kept current.
+    pub usage_refresh: UsageRefresh,
+}
+
+/// When a tenant's usage is measured again from etcd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsageRefresh {
+    /// At most this old while the tenant writes.
+    pub interval: Duration,
+    /// After this many writes through one broker.
+    pub writes: u64,
+}
+
+impl Default for UsageRefresh {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            writes: 1000,
+        }
+    }
 }
 
 /// A validated rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
     pub namespace: Match,
     pub service_account: Match,
     pub route: Option<Route>,
+    /// The rule's own limits; `None` means `defaultLimits`.
+    pub limits: Option<Limits>,
 }
 
 /// Where an allowed tenant goes; `None` in [`Rule::route`] means deny.
@@ -302,7 +487,11 @@ impl ConfigFile {
             let service_account = name_match(&r.service_account, rule)?;
             let route = match r.action {
                 Action::Deny => {
-                    if r.backend.is_some() || r.prefix.is_some() || r.prefix_root.is_some() {
+                    if r.backend.is_some()
+                        || r.prefix.is_some()
+                        || r.prefix_root.is_some()
+                        || r.limits.is_some()
+                    {
                         return Err(ConfigError::DenyWithRoute { rule });
                     }
                     None
@@ -333,18 +522,48 @@ impl ConfigFile {
                     Some(Route { backend, prefix })
                 }
             };
+            let limits = match &r.limits {
+                Some(l) => Some(l.validate(&format!("tenant rule {rule} limits"))?),
+                None => None,
+            };
             rules.push(Rule {
                 namespace,
                 service_account,
                 route,
+                limits,
             });
         }
         check_prefixes(&prefixes)?;
+        let default_limits = match &self.default_limits {
+            Some(l) => l.validate("defaultLimits")?,
+            None => Limits::default(),
+        };
+        let mut usage_refresh = UsageRefresh::default();
+        if let Some(i) = &self.usage_refresh_interval {
+            usage_refresh.interval = etcd_shim_core::parse_duration(i)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| ConfigError::BadLimit {
+                    at: "usageRefreshInterval".into(),
+                    error: format!("{i:?} is not a positive duration such as 30s"),
+                })?;
+        }
+        if let Some(w) = self.usage_refresh_writes {
+            if w == 0 {
+                return Err(ConfigError::BadLimit {
+                    at: "usageRefreshWrites".into(),
+                    error: "must be at least 1".into(),
+                });
+            }
+            usage_refresh.writes = w;
+        }
         Ok(Plan {
             backends: self.backends.clone(),
             default_backend,
             allow_unlisted: self.allow_unlisted,
             rules,
+            default_limits,
+            usage_refresh,
         })
     }
 }
@@ -673,6 +892,132 @@ tenants:
         );
         let plan = check(&yaml).unwrap();
         assert_eq!(plan.rules.len(), 5);
+    }
+
+    #[test]
+    fn limits_parse_with_defaults_and_per_rule() {
+        let plan = check(
+            r#"
+defaultLimits:
+  readsPerSecond: 100
+  writesPerSecond: 20.5
+  writeBurst: 40
+  concurrentRequests: 16
+  watches: 50
+  leases: 100
+  keys: 10000
+  bytes: 64Mi
+usageRefreshInterval: 10s
+usageRefreshWrites: 50
+tenants:
+  - namespace: team-a
+    serviceAccount: api
+    limits: {bytes: 1048576, keys: 10}
+  - namespace: team-b
+"#,
+        )
+        .unwrap();
+        let d = &plan.default_limits;
+        assert_eq!(
+            d.reads,
+            Some(Rate {
+                per_second: 100.0,
+                burst: 100
+            })
+        );
+        assert_eq!(
+            d.writes,
+            Some(Rate {
+                per_second: 20.5,
+                burst: 40
+            })
+        );
+        assert_eq!(d.concurrent_requests, Some(16));
+        assert_eq!((d.watches, d.leases), (Some(50), Some(100)));
+        assert_eq!((d.keys, d.bytes), (Some(10_000), Some(64 << 20)));
+        // A rule's limits replace the defaults as a whole: unset there is unlimited.
+        let a = plan.rules[0].limits.as_ref().unwrap();
+        assert_eq!((a.keys, a.bytes, a.reads), (Some(10), Some(1 << 20), None));
+        assert!(a.has_quota());
+        assert_eq!(plan.rules[1].limits, None, "defaults apply");
+        assert_eq!(
+            plan.usage_refresh,
+            UsageRefresh {
+                interval: Duration::from_secs(10),
+                writes: 50
+            }
+        );
+        // Nothing set: unlimited, default refresh.
+        let plan = check("{}").unwrap();
+        assert_eq!(plan.default_limits, Limits::default());
+        assert!(!plan.default_limits.has_quota());
+        assert_eq!(plan.usage_refresh, UsageRefresh::default());
+        // A fractional rate gets a burst of at least one.
+        let plan = check("defaultLimits: {writesPerSecond: 0.2}").unwrap();
+        assert_eq!(plan.default_limits.writes.unwrap().burst, 1);
+    }
+
+    #[test]
+    fn byte_quantities() {
+        for (text, bytes) in [
+            ("'1024'", Some(1024)),
+            ("2Ki", Some(2048)),
+            ("3Gi", Some(3 << 30)),
+            ("5M", Some(5_000_000)),
+            ("1k", Some(1000)),
+            ("12", Some(12)),
+        ] {
+            let plan = check(&format!("defaultLimits: {{bytes: {text}}}"));
+            assert_eq!(
+                plan.map(|p| p.default_limits.bytes).ok(),
+                Some(bytes),
+                "{text}"
+            );
+        }
+        for text in ["1.5Mi", "lots", "-3", "1Pi", "''"] {
+            assert!(
+                check(&format!("defaultLimits: {{bytes: {text}}}")).is_err(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn limit_refusals() {
+        let bad = |yaml: &str| match check(yaml) {
+            Err(ConfigError::BadLimit { at, error }) => format!("{at}: {error}"),
+            other => panic!("{yaml}: got {other:?}"),
+        };
+        assert!(bad("defaultLimits: {readBurst: 5}").contains("readBurst needs readsPerSecond"));
+        assert!(bad("defaultLimits: {writesPerSecond: 5, writeBurst: 0}").contains("at least 1"));
+        assert!(bad("defaultLimits: {readsPerSecond: 0}").contains("positive"));
+        assert!(bad("defaultLimits: {readsPerSecond: -1}").contains("positive"));
+        assert!(bad("defaultLimits: {readsPerSecond: .nan}").contains("positive"));
+        assert!(bad("defaultLimits: {concurrentRequests: 0}").contains("concurrentRequests"));
+        assert!(bad("defaultLimits: {bytes: huge}").contains("quantity"));
+        assert!(
+            bad("tenants: [{namespace: a, limits: {writeBurst: 2}}]")
+                .starts_with("tenant rule 1 limits:")
+        );
+        assert!(bad("usageRefreshInterval: soon").starts_with("usageRefreshInterval"));
+        assert!(bad("usageRefreshInterval: 0s").starts_with("usageRefreshInterval"));
+        assert!(bad("usageRefreshWrites: 0").starts_with("usageRefreshWrites"));
+        // Negative counts and unknown fields are not even the right shape.
+        for yaml in [
+            "defaultLimits: {keys: -1}",
+            "defaultLimits: {watches: -5}",
+            "defaultLimits: {readBurst: -5, readsPerSecond: 1}",
+            "defaultLimits: {qps: 5}",
+        ] {
+            assert!(matches!(check(yaml), Err(ConfigError::Syntax(_))), "{yaml}");
+        }
+        assert!(matches!(
+            check("tenants: [{namespace: a, action: deny, limits: {keys: 1}}]"),
+            Err(ConfigError::DenyWithRoute { rule: 1 })
+        ));
+        // Zero watches, leases, keys or bytes are allowed: a tenant that may hold none.
+        let plan = check("defaultLimits: {watches: 0, leases: 0, keys: 0, bytes: 0}").unwrap();
+        assert_eq!(plan.default_limits.keys, Some(0));
     }
 
     /// Polls `f` every 10 ms for at most 5 s.

@@ -11,8 +11,9 @@ use etcd_client::proto::{
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
+use crate::limits::{Class, Reservation};
 use crate::upstream::request_from;
-use crate::{Broker, rewrite};
+use crate::{Broker, quota, rewrite};
 
 const SERVICE: &str = "KV";
 
@@ -25,6 +26,7 @@ impl PbKvService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Read, "Range")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::range_request(&t.prefix, &mut r)?;
@@ -59,18 +61,47 @@ impl PbKvService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Write, "Put")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::put_request(&t.prefix, &mut r)?;
             if r.lease != 0 && !self.owns_lease(&t, r.lease).await? {
                 return Err(self.deny(Some(&t), "Put", EtcdError::LeaseNotFound));
             }
-            let mut resp: PbPutResponse = t
+            let pl = t.prefix.as_bytes().len();
+            let resv = self
+                .reserve(
+                    &t,
+                    "Put",
+                    quota::put_worst(pl, &r),
+                    || vec![r.key.clone()],
+                    |old| quota::put_exact(pl, &r, old.get(&r.key).copied()),
+                )
+                .await?;
+            // etcd's prev_kv tells what the put replaced; the client gets it only if asked.
+            let (asked, size, ignore_value) = (
+                r.prev_kv,
+                quota::size(pl, &r.key, r.value.len()),
+                r.ignore_value,
+            );
+            r.prev_kv |= resv.tracks();
+            let mut resp: PbPutResponse = match t
                 .upstream
                 .unary("/etcdserverpb.KV/Put", request_from(&md, r))
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(resp) => resp.into_inner(),
+                Err(e) => {
+                    resv.release();
+                    return Err(e);
+                }
+            };
             self.note(&resp.header);
+            if resv.tracks() {
+                let d = quota::put_settle(pl, size, ignore_value, asked, &mut resp);
+                resv.settle(revision(&resp.header), d);
+                self.refresh_soon(&t);
+            }
             let s = rewrite::put_response(&t.prefix, &mut resp.header, &mut resp.prev_kv);
             self.check_stripped(&t, "Put", s);
             Ok(Response::new(resp))
@@ -87,15 +118,31 @@ impl PbKvService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Write, "DeleteRange")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::delete_request(&t.prefix, &mut r)?;
-            let mut resp: PbDeleteResponse = t
+            let resv = self.track(&t);
+            let asked = r.prev_kv;
+            r.prev_kv |= resv.tracks();
+            let mut resp: PbDeleteResponse = match t
                 .upstream
                 .unary("/etcdserverpb.KV/DeleteRange", request_from(&md, r))
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(resp) => resp.into_inner(),
+                Err(e) => {
+                    resv.release();
+                    return Err(e);
+                }
+            };
             self.note(&resp.header);
+            if resv.tracks() {
+                let pl = t.prefix.as_bytes().len();
+                let d = quota::delete_settle(pl, asked, &mut resp);
+                resv.settle(revision(&resp.header), d);
+                self.refresh_soon(&t);
+            }
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.prev_kvs);
             self.check_stripped(&t, "DeleteRange", s);
             Ok(Response::new(resp))
@@ -110,6 +157,9 @@ impl PbKvService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let writes = quota::txn_writes(req.get_ref());
+            let class = if writes { Class::Write } else { Class::Read };
+            let _permit = self.admit(&t, class, "Txn")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::txn_request(&t.prefix, &mut r)?;
@@ -120,12 +170,41 @@ impl PbKvService for Broker {
                     return Err(self.deny(Some(&t), "Txn", EtcdError::LeaseNotFound));
                 }
             }
-            let mut resp: PbTxnResponse = t
+            let pl = t.prefix.as_bytes().len();
+            let resv = if writes {
+                self.reserve(
+                    &t,
+                    "Txn",
+                    quota::txn_worst(pl, &r),
+                    || {
+                        let mut keys = Vec::new();
+                        quota::txn_put_keys(&r, &mut keys);
+                        keys
+                    },
+                    |old| quota::txn_exact(pl, &r, old),
+                )
+                .await?
+            } else {
+                Reservation::none()
+            };
+            let asked = resv.tracks().then(|| quota::txn_ask_prev(pl, &mut r));
+            let mut resp: PbTxnResponse = match t
                 .upstream
                 .unary("/etcdserverpb.KV/Txn", request_from(&md, r))
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(resp) => resp.into_inner(),
+                Err(e) => {
+                    resv.release();
+                    return Err(e);
+                }
+            };
             self.note(&resp.header);
+            if let Some(asked) = &asked {
+                let d = quota::txn_settle(pl, asked, &mut resp);
+                resv.settle(revision(&resp.header), d);
+                self.refresh_soon(&t);
+            }
             let s = rewrite::txn_response(&t.prefix, &mut resp);
             self.check_stripped(&t, "Txn", s);
             Ok(Response::new(resp))
@@ -144,6 +223,7 @@ impl PbKvService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Write, "Compact")?;
             let md = req.metadata().clone();
             // The current revision, from a range over a key no tenant can create.
             let probe = PbRangeRequest {
@@ -171,6 +251,10 @@ impl PbKvService for Broker {
         self.metrics().observe(SERVICE, "Compact", started, &res);
         res
     }
+}
+
+fn revision(h: &Option<etcd_client::proto::PbResponseHeader>) -> i64 {
+    h.as_ref().map_or(0, |h| h.revision)
 }
 
 impl Broker {

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::EtcdError;
+use crate::limits::Class;
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
 
@@ -29,12 +30,14 @@ impl PbLeaseService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Write, "LeaseGrant")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
             // A chosen id could collide with, and so reveal, another tenant's lease.
             if r.id != 0 {
                 return Err(self.deny(Some(&t), "LeaseGrant", EtcdError::PermissionDenied));
             }
+            let slot = self.lease_slot(&t).await?;
             let mut resp: PbLeaseGrantResponse = t
                 .upstream
                 .unary("/etcdserverpb.Lease/LeaseGrant", request_from(&md, r))
@@ -53,6 +56,7 @@ impl PbLeaseService for Broker {
                     .await;
                 return Err(e);
             }
+            slot.keep();
             rewrite::scrub_header(&mut resp.header);
             Ok(Response::new(resp))
         }
@@ -68,6 +72,7 @@ impl PbLeaseService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Write, "LeaseRevoke")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
             let id = r.id;
@@ -80,6 +85,8 @@ impl PbLeaseService for Broker {
                 .await?
                 .into_inner();
             self.inner.leases.forget(id, &t);
+            t.state.lease_revoked();
+            self.refresh_soon(&t);
             self.note(&resp.header);
             rewrite::scrub_header(&mut resp.header);
             Ok(Response::new(resp))
@@ -198,6 +205,7 @@ impl PbLeaseService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Read, "LeaseTimeToLive")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
             if !self.owns_lease(&t, r.id).await? {
@@ -237,6 +245,7 @@ impl PbLeaseService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Read, "LeaseLeases")?;
             let md = req.metadata().clone();
             // The tenant's leases are exactly its ownership records.
             let r = PbRangeRequest {

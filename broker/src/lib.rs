@@ -15,8 +15,10 @@ pub mod upstream;
 mod cluster;
 mod kv;
 mod lease;
+pub mod limits;
 mod lock;
 mod maintenance;
+pub mod quota;
 mod tenant;
 mod watch;
 
@@ -70,7 +72,9 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?;
+        let mut tenants =
+            TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?;
+        tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 auth,

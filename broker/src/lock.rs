@@ -23,6 +23,7 @@ use tonic_prost::ProstCodec;
 use tower::service_fn;
 
 use crate::error::EtcdError;
+use crate::limits::Class;
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
 
@@ -165,6 +166,7 @@ impl Broker {
 
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<PbLockResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Write, "Lock")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         if r.name.is_empty() {
@@ -194,6 +196,7 @@ impl Broker {
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Write, "Unlock")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.key = t.prefix.key(&r.key);
@@ -212,6 +215,7 @@ impl Broker {
         req: Request<CampaignRequest>,
     ) -> Result<Response<PbCampaignResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Write, "Campaign")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         if r.name.is_empty() {
@@ -235,6 +239,7 @@ impl Broker {
         req: Request<ProclaimRequest>,
     ) -> Result<Response<PbProclaimResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Write, "Proclaim")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         let lease = self.prefix_leader(&t, &mut r.leader)?;
@@ -254,6 +259,7 @@ impl Broker {
         req: Request<ResignRequest>,
     ) -> Result<Response<PbResignResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Write, "Resign")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         let lease = self.prefix_leader(&t, &mut r.leader)?;
@@ -273,6 +279,7 @@ impl Broker {
         req: Request<LeaderRequest>,
     ) -> Result<Response<PbLeaderResponse>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Read, "Leader")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.name = t.prefix.key(&r.name);
@@ -292,6 +299,7 @@ impl Broker {
         req: Request<LeaderRequest>,
     ) -> Result<Response<ReceiverStream<Result<PbLeaderResponse, Status>>>, Status> {
         let t = self.tenant(req.metadata()).await?;
+        self.rate(&t, Class::Read, "Observe")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.name = t.prefix.key(&r.name);

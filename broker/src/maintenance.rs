@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
+use crate::limits::Class;
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
 
@@ -40,6 +41,7 @@ impl PbMaintenanceService for Broker {
             if req.get_ref().action != ALARM_GET {
                 return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
             }
+            let _permit = self.admit(&t, Class::Read, "Alarm")?;
             let md = req.metadata().clone();
             let mut resp: PbAlarmResponse = t
                 .upstream
@@ -70,7 +72,9 @@ impl PbMaintenanceService for Broker {
         let started = Instant::now();
         let res = async {
             let t = self.tenant(req.metadata()).await?;
+            let _permit = self.admit(&t, Class::Read, "Status")?;
             let md = req.metadata().clone();
+            let used = self.usage_for_status(&t).await?;
             let real: PbStatusResponse = t
                 .upstream
                 .unary(
@@ -84,20 +88,22 @@ impl PbMaintenanceService for Broker {
             rewrite::scrub_header(&mut header);
             let revision = header.as_ref().map_or(0, |h| h.revision) as u64;
             // Clients gate features on the version (the apiserver enables progress
-            // requests by it), so it is the backend's own; the rest reveals nothing.
+            // requests by it), so it is the backend's own. Sizes are the tenant's own
+            // (live keys and values, see limits); the rest reveals nothing.
+            let db_size = used.bytes;
             Ok(Response::new(PbStatusResponse {
                 header,
                 version: real.version,
-                db_size: 0,
+                db_size,
                 leader: rewrite::MEMBER_ID,
                 raft_index: revision,
                 raft_term: rewrite::RAFT_TERM,
                 raft_applied_index: revision,
                 errors: Vec::new(),
-                db_size_in_use: 0,
+                db_size_in_use: db_size,
                 is_learner: false,
                 storage_version: real.storage_version,
-                db_size_quota: 0,
+                db_size_quota: t.limits.bytes.map_or(0, |b| b as i64),
                 downgrade_info: None,
             }))
         }

@@ -1,5 +1,6 @@
 //! The broker's Prometheus metrics (`etcd_broker_*`).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::{Code, Status};
+
+use crate::limits::States;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -25,6 +28,12 @@ pub struct MethodLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantReasonLabels {
+    pub tenant: String,
     pub reason: &'static str,
 }
 
@@ -55,6 +64,10 @@ pub struct Metrics {
     pub tls_reloads: Family<OutcomeLabels, Counter>,
     /// notAfter of the serving certificate in force, unix seconds; 0 without TLS.
     pub tls_not_after: Gauge,
+    /// Calls refused by a tenant limit, by tenant label and reason.
+    pub limit_rejections: Family<TenantReasonLabels, Counter>,
+    /// Per-tenant limit state; scraped for the usage and limit series.
+    pub tenant_states: Arc<States>,
 }
 
 impl Metrics {
@@ -75,6 +88,8 @@ impl Metrics {
             token_cache_hits: Counter::default(),
             tls_reloads: Family::default(),
             tls_not_after: Gauge::default(),
+            limit_rejections: Family::default(),
+            tenant_states: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
@@ -142,7 +157,23 @@ impl Metrics {
             "Expiry of the serving certificate in force, unix seconds (0: plaintext)",
             m.tls_not_after.clone(),
         );
+        r.register(
+            "limit_rejections",
+            "Calls refused by a tenant limit, by tenant (named by a config rule, or unlisted) and reason",
+            m.limit_rejections.clone(),
+        );
+        r.register_collector(Box::new(m.tenant_states.clone()));
         m
+    }
+
+    /// Counts one refusal by a tenant limit.
+    pub fn limit_rejected(&self, tenant: &str, reason: &'static str) {
+        self.limit_rejections
+            .get_or_create(&TenantReasonLabels {
+                tenant: tenant.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     fn reload_family(&self, what: Reloaded) -> &Family<OutcomeLabels, Counter> {

@@ -11,8 +11,10 @@ use tonic::{Request, Status};
 
 use crate::auth::Identity;
 use crate::config::{
-    BackendSpec, Base, ConfigError, ConfigFile, IMPLICIT_BACKEND, PrefixChoice, Rule,
+    BackendSpec, Base, ConfigError, ConfigFile, IMPLICIT_BACKEND, Limits, Match, PrefixChoice,
+    Rule, UsageRefresh,
 };
+use crate::limits::{States, TenantState, UNLISTED};
 use crate::rewrite::Prefix;
 use crate::upstream::Upstream;
 
@@ -30,6 +32,15 @@ pub struct Tenant {
     /// The etcd cluster holding the tenant's keys. Resolved once per call; a call that
     /// started before a reload finishes on the backend it started on.
     pub upstream: Arc<Upstream>,
+    /// Limits under the config in force.
+    pub limits: Arc<Limits>,
+    /// When usage is measured again.
+    pub refresh: UsageRefresh,
+    /// Metrics label: the name if a rule names the tenant exactly, else `unlisted`.
+    pub label: Arc<str>,
+    /// Rates, counters and usage; shared by every `Tenant` of this prefix and backend,
+    /// across reloads.
+    pub state: Arc<TenantState>,
 }
 
 impl Tenant {
@@ -63,6 +74,10 @@ struct Routing {
     default_backend: usize,
     rules: Vec<(Rule, Option<(usize, PrefixChoice)>)>,
     allow_unlisted: bool,
+    default_limits: Arc<Limits>,
+    /// Each rule's limits (`defaultLimits` when it sets none), by rule index.
+    rule_limits: Vec<Arc<Limits>>,
+    refresh: UsageRefresh,
     /// identity -> its tenant, or `None` when refused. Lives and dies with this table.
     cache: Mutex<HashMap<Identity, Option<Arc<Tenant>>>>,
 }
@@ -73,6 +88,8 @@ pub struct TenantResolver {
     /// The backend made from flags; always routable as `default` unless a file redefines it.
     implicit: Arc<Upstream>,
     current: RwLock<Arc<Routing>>,
+    /// Per-tenant limit state; outlives routing tables.
+    states: Arc<States>,
 }
 
 /// Bound on cached tenants; past it the cache starts over (tenants are cheap to rebuild).
@@ -111,13 +128,22 @@ impl TenantResolver {
             default_backend: 0,
             rules: Vec::new(),
             allow_unlisted: true,
+            default_limits: Arc::default(),
+            rule_limits: Vec::new(),
+            refresh: UsageRefresh::default(),
             cache: Mutex::default(),
         };
         Ok(Self {
             base,
             implicit,
             current: RwLock::new(Arc::new(routing)),
+            states: Arc::default(),
         })
+    }
+
+    /// Keeps tenant states in `states` (shared with the metrics) from now on.
+    pub fn use_states(&mut self, states: Arc<States>) {
+        self.states = states;
     }
 
     fn routing(&self) -> Arc<Routing> {
@@ -169,6 +195,28 @@ impl TenantResolver {
                 .unwrap_or_else(|| unreachable!("validated backend name"))
         };
         let default_backend = index(&plan.default_backend);
+        let default_limits = Arc::new(plan.default_limits.clone());
+        let rule_limits: Vec<Arc<Limits>> = plan
+            .rules
+            .iter()
+            .map(|r| match &r.limits {
+                Some(l) => Arc::new(l.clone()),
+                None => default_limits.clone(),
+            })
+            .collect();
+        // Limit series for /metrics: each exactly named tenant (first rule wins), and one
+        // for everyone else.
+        let mut by_label: Vec<(Arc<str>, Arc<Limits>)> = Vec::new();
+        for (r, l) in plan.rules.iter().zip(&rule_limits) {
+            if let (Some(name), Some(_)) = (exact_name(r), &r.route)
+                && !by_label.iter().any(|(n, _)| **n == *name)
+            {
+                by_label.push((Arc::from(name.as_str()), l.clone()));
+            }
+        }
+        by_label.push((Arc::from(UNLISTED), default_limits.clone()));
+        self.states.configure(by_label);
+        let refresh = plan.usage_refresh;
         let rules = plan
             .rules
             .into_iter()
@@ -185,6 +233,9 @@ impl TenantResolver {
             default_backend,
             rules,
             allow_unlisted: plan.allow_unlisted,
+            default_limits,
+            rule_limits,
+            refresh,
             cache: Mutex::default(),
         };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
@@ -207,8 +258,18 @@ impl TenantResolver {
         if cache.len() >= TENANT_CACHE_MAX {
             cache.clear();
         }
-        let t = routing.decide(id).map(|(backend, prefix)| {
+        let t = routing.decide(id).map(|(backend, prefix, rule)| {
             let name = id.to_string();
+            let (label, limits): (Arc<str>, _) = match rule {
+                Some(i) => (
+                    match exact_name(&routing.rules[i].0) {
+                        Some(n) => Arc::from(n.as_str()),
+                        None => Arc::from(UNLISTED),
+                    },
+                    routing.rule_limits[i].clone(),
+                ),
+                None => (Arc::from(UNLISTED), routing.default_limits.clone()),
+            };
             let b = &routing.backends[backend];
             // Identity parsing guarantees neither part is empty or holds "/", and config
             // validation that prefixes end in "/" and do not overlap, so no tenant's
@@ -220,6 +281,9 @@ impl TenantResolver {
                     format!("{root}{name}/")
                 }
             };
+            let state = self
+                .states
+                .state(&b.name, prefix.as_bytes(), &label, &limits);
             Arc::new(Tenant {
                 prefix: Prefix::new(prefix.into_bytes())
                     .unwrap_or_else(|| unreachable!("prefix ends in /")),
@@ -230,6 +294,10 @@ impl TenantResolver {
                 name,
                 backend: b.name.clone(),
                 upstream: b.upstream.clone(),
+                limits,
+                refresh: routing.refresh,
+                label,
+                state,
             })
         });
         cache.insert(id.clone(), t.clone());
@@ -238,18 +306,26 @@ impl TenantResolver {
 }
 
 impl Routing {
-    /// Which backend and prefix `id` gets, or `None` if it is refused.
-    fn decide(&self, id: &Identity) -> Option<(usize, &PrefixChoice)> {
+    /// Which backend and prefix `id` gets and by which rule, or `None` if it is refused.
+    fn decide(&self, id: &Identity) -> Option<(usize, &PrefixChoice, Option<usize>)> {
         const DEFAULT_ROOT: PrefixChoice = PrefixChoice::Root(None);
-        for (rule, route) in &self.rules {
+        for (i, (rule, route)) in self.rules.iter().enumerate() {
             if rule.namespace.matches(&id.namespace)
                 && rule.service_account.matches(&id.service_account)
             {
-                return route.as_ref().map(|(b, p)| (*b, p));
+                return route.as_ref().map(|(b, p)| (*b, p, Some(i)));
             }
         }
         self.allow_unlisted
-            .then_some((self.default_backend, &DEFAULT_ROOT))
+            .then_some((self.default_backend, &DEFAULT_ROOT, None))
+    }
+}
+
+/// `<ns>/<sa>` when the rule names exactly one service account.
+fn exact_name(r: &Rule) -> Option<String> {
+    match (&r.namespace, &r.service_account) {
+        (Match::Exact(ns), Match::Exact(sa)) => Some(format!("{ns}/{sa}")),
+        _ => None,
     }
 }
 
@@ -486,6 +562,37 @@ tenants:
             &r.default_upstream(),
             &r.routing().backends[1].upstream
         ));
+    }
+
+    #[tokio::test]
+    async fn limits_labels_and_state_follow_the_config() {
+        let r = resolver();
+        let yaml = "defaultLimits: {keys: 5}\ntenants: [{namespace: n, serviceAccount: named, limits: {keys: 7}}, {namespace: w}]";
+        apply(&r, yaml).unwrap();
+        let named = r.resolve(&id("n/named")).unwrap();
+        let wild = r.resolve(&id("w/x")).unwrap();
+        let other = r.resolve(&id("o/x")).unwrap();
+        assert_eq!((&*named.label, named.limits.keys), ("n/named", Some(7)));
+        assert_eq!((&*wild.label, wild.limits.keys), (UNLISTED, Some(5)));
+        assert_eq!((&*other.label, other.limits.keys), (UNLISTED, Some(5)));
+        assert!(
+            !Arc::ptr_eq(&wild.state, &other.state),
+            "one state per tenant"
+        );
+        // A reload changes the limits but keeps the state (rates, counters, usage).
+        apply(&r, &yaml.replace("keys: 7", "keys: 9")).unwrap();
+        let again = r.resolve(&id("n/named")).unwrap();
+        assert_eq!(again.limits.keys, Some(9));
+        assert!(Arc::ptr_eq(&named.state, &again.state));
+        // Moving the tenant to another prefix starts a new count.
+        apply(
+            &r,
+            "tenants: [{namespace: n, serviceAccount: named, prefix: /elsewhere/}]",
+        )
+        .unwrap();
+        let moved = r.resolve(&id("n/named")).unwrap();
+        assert!(!Arc::ptr_eq(&named.state, &moved.state));
+        assert_eq!(moved.limits.keys, None);
     }
 
     #[tokio::test]

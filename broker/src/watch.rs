@@ -2,6 +2,8 @@
 //! fragmentation and progress notifications stay etcd's own. Create requests are confined
 //! to the tenant prefix; events are stripped on the way back.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::proto::{PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService};
@@ -10,6 +12,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::limits::{Class, TenantState};
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
 
@@ -31,13 +34,46 @@ impl PbWatchService for Broker {
         let md = req.metadata().clone();
         let mut downstream = req.into_inner();
 
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let counted = Arc::new(Mutex::new(Counted {
+            state: t.state.clone(),
+            open: HashSet::new(),
+            pending: 0,
+        }));
+
         // Pump client requests upstream before waiting for etcd's response headers: etcd
         // sends none until the first watch is created.
         let (up_tx, up_rx) = mpsc::channel::<PbWatchRequest>(16);
         let tenant = t.clone();
+        let broker = self.clone();
+        // Weak: the stream ends when the response pump is done, not when this one is.
+        let local = tx.downgrade();
+        let pending = counted.clone();
         tokio::spawn(async move {
             while let Some(Ok(mut msg)) = downstream.next().await {
                 if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union {
+                    let admitted = tenant
+                        .state
+                        .take(&tenant.limits, Class::Read)
+                        .and_then(|()| tenant.state.open_watch(&tenant.limits));
+                    if let Err(r) = admitted {
+                        // As etcd refuses one watch: created and canceled at once, with the
+                        // reason; other watches on the stream go on.
+                        let status = broker.refuse_limit(&tenant, "Watch", r);
+                        let resp = PbWatchResponse {
+                            header: broker.synthetic_header(),
+                            watch_id: -1,
+                            created: true,
+                            canceled: true,
+                            cancel_reason: status.message().to_owned(),
+                            ..Default::default()
+                        };
+                        match local.upgrade() {
+                            Some(tx) if tx.send(Ok(resp)).await.is_ok() => continue,
+                            _ => break,
+                        }
+                    }
+                    lock(&pending).pending += 1;
                     rewrite::watch_range(&tenant.prefix, &mut c.key, &mut c.range_end);
                 }
                 if up_tx.send(msg).await.is_err() {
@@ -46,20 +82,36 @@ impl PbWatchService for Broker {
             }
         });
 
-        let mut upstream = t
-            .upstream
-            .streaming::<_, PbWatchRequest, PbWatchResponse>(
-                "/etcdserverpb.Watch/Watch",
-                request_from(&md, ReceiverStream::new(up_rx)),
-            )
-            .await?
-            .into_inner();
-
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         broker.metrics().watch_streams.inc();
         tokio::spawn(async move {
+            // Connected here rather than before answering the client: etcd sends its
+            // response headers only once a watch is created, and a stream whose first
+            // create the broker refused itself must still get its answer.
+            let connect = t.upstream.streaming::<_, PbWatchRequest, PbWatchResponse>(
+                "/etcdserverpb.Watch/Watch",
+                request_from(&md, ReceiverStream::new(up_rx)),
+            );
+            let mut upstream = tokio::select! {
+                r = connect => match r {
+                    Ok(r) => r.into_inner(),
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        broker.metrics().watch_streams.dec();
+                        return;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    broker.metrics().watch_streams.dec();
+                    return;
+                }
+                _ = tx.closed() => {
+                    broker.metrics().watch_streams.dec();
+                    return;
+                }
+            };
             loop {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
@@ -71,6 +123,7 @@ impl PbWatchService for Broker {
                 };
                 match msg {
                     Ok(Some(mut resp)) => {
+                        lock(&counted).saw(&resp);
                         broker.note(&resp.header);
                         rewrite::scrub_header(&mut resp.header);
                         let s = rewrite::watch_events(&t.prefix, &mut resp.events);
@@ -99,4 +152,38 @@ impl PbWatchService for Broker {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// The watches of one stream, counted against the tenant's cap until they end.
+struct Counted {
+    state: Arc<TenantState>,
+    /// Watch ids etcd created and has not cancelled.
+    open: HashSet<i64>,
+    /// Create requests sent and not answered yet.
+    pending: usize,
+}
+
+impl Counted {
+    fn saw(&mut self, resp: &PbWatchResponse) {
+        if resp.created {
+            self.pending = self.pending.saturating_sub(1);
+            if resp.canceled {
+                self.state.close_watches(1);
+            } else {
+                self.open.insert(resp.watch_id);
+            }
+        } else if resp.canceled && self.open.remove(&resp.watch_id) {
+            self.state.close_watches(1);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.state.close_watches(self.open.len() + self.pending);
+    }
+}
+
+fn lock(c: &Mutex<Counted>) -> MutexGuard<'_, Counted> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
 }

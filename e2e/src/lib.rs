@@ -259,6 +259,8 @@ pub struct Broker {
     pub admin_port: u16,
     pub proc: Proc,
     pub dir: tempfile::TempDir,
+    /// Holds the config file of [`Broker::start_with_config`] while the broker runs.
+    pub config_dir: Option<tempfile::TempDir>,
 }
 
 impl Broker {
@@ -302,6 +304,7 @@ impl Broker {
                         admin_port,
                         proc,
                         dir,
+                        config_dir: None,
                     });
                 }
                 Ok(false) => last = Some(anyhow!("broker exited: {}", proc.log())),
@@ -309,6 +312,25 @@ impl Broker {
             }
         }
         Err(last.unwrap_or_else(|| anyhow!("broker did not start")))
+    }
+
+    /// Starts a broker that loads `config` (YAML) from a file with `--config`, as a
+    /// mounted ConfigMap would be, plus any `extra` flags.
+    pub fn start_with_config(
+        etcd_urls: &[&str],
+        tokens: &[(&str, &str)],
+        config: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let config_dir = tempfile::tempdir()?;
+        let path = config_dir.path().join("broker.yaml");
+        std::fs::write(&path, config)?;
+        let path = path.display().to_string();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra);
+        let mut broker = Self::start_with(etcd_urls, tokens, &args)?;
+        broker.config_dir = Some(config_dir);
+        Ok(broker)
     }
 
     pub fn metrics(&self) -> Result<String> {
