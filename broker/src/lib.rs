@@ -70,7 +70,8 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?;
+        let tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?
+            .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 auth,

@@ -14,7 +14,7 @@ use crate::config::{
     BackendSpec, Base, ConfigError, ConfigFile, IMPLICIT_BACKEND, PrefixChoice, Rule,
 };
 use crate::rewrite::Prefix;
-use crate::upstream::Upstream;
+use crate::upstream::{Connector, Upstream, client_files};
 
 /// One tenant's view of etcd.
 #[derive(Debug)]
@@ -73,6 +73,8 @@ pub struct TenantResolver {
     /// The backend made from flags; always routable as `default` unless a file redefines it.
     implicit: Arc<Upstream>,
     current: RwLock<Arc<Routing>>,
+    /// Builds the connections of backends from the config file, with their credentials.
+    connector: Connector,
 }
 
 /// Bound on cached tenants; past it the cache starts over (tenants are cheap to rebuild).
@@ -117,7 +119,14 @@ impl TenantResolver {
             base,
             implicit,
             current: RwLock::new(Arc::new(routing)),
+            connector: Connector::default(),
         })
+    }
+
+    /// Reports the credential reloads of config-file backends through `connector`.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     fn routing(&self) -> Arc<Routing> {
@@ -141,7 +150,13 @@ impl TenantResolver {
             let upstream = match reused {
                 Some(u) => u,
                 None => {
-                    let u = Upstream::new(&spec.endpoints).map_err(|e| ConfigError::Backend {
+                    let u = Upstream::start(
+                        &spec.name,
+                        &spec.endpoints,
+                        spec.tls.as_ref().map(client_files),
+                        &self.connector,
+                    )
+                    .map_err(|e| ConfigError::Backend {
                         backend: spec.name.clone(),
                         error: e.to_string(),
                     })?;
