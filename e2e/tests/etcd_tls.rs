@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use etcd_client::{Client, WatchOptions};
 use etcd_shim_e2e::pod::in_netns;
-use etcd_shim_e2e::{Broker, EtcdCluster, EtcdTls, Pod, sample, wait_for};
+use etcd_shim_e2e::{Broker, EtcdCluster, EtcdTls, Pod, promtool_check, sample, wait_for};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     date_time_ymd,
@@ -326,7 +326,7 @@ fn rotation_to_a_new_ca_under_load_fails_no_call() -> Result<()> {
     pod.start_shim(broker.port, "token-a")?;
 
     let (stop, progress, worker) = start_load(&pod);
-    wait_for_progress(&progress, 200)?;
+    wait_for_progress(&progress, 100)?;
     // The new Secret: a client certificate from the new CA, and a CA bundle that still
     // holds the old CA, which signed the serving certificate etcd has now.
     let client_new = new.client((2091, 1, 1));
@@ -337,7 +337,7 @@ fn rotation_to_a_new_ca_under_load_fails_no_call() -> Result<()> {
         || (metric(&broker, RELOAD_OK) == Some(1.0)).then_some(()),
     )?;
     let at_rotation = progress.load(Ordering::Relaxed);
-    wait_for_progress(&progress, at_rotation + 300)?;
+    wait_for_progress(&progress, at_rotation + 200)?;
     stop.store(true, Ordering::Relaxed);
     let report = worker
         .join()
@@ -442,6 +442,7 @@ fn broken_credentials_are_refused_and_traffic_goes_on() -> Result<()> {
     }
     assert_eq!(metric(&broker, RELOAD_OK), None);
     assert_eq!(metric(&broker, EXPIRY), Some(good.not_after as f64));
+    promtool_check(&broker.metrics()?)?;
 
     // Connections made after the refusals still use the good credentials.
     etcd.restart(0)?;

@@ -188,11 +188,11 @@ fn losing_the_leader_of_three_members_under_load() -> Result<()> {
             (progress.load(Ordering::Relaxed) >= n).then_some(())
         })
     };
-    at_least(300)?;
+    at_least(150)?;
     let victim = leader(&etcd)?;
     etcd.kill(victim);
     let at_kill = progress.load(Ordering::Relaxed);
-    at_least(at_kill + 500)?;
+    at_least(at_kill + 300)?;
     stop.store(true, Ordering::Relaxed);
     let report = worker
         .join()
