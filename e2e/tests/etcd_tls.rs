@@ -430,8 +430,7 @@ fn broken_credentials_are_refused_and_traffic_goes_on() -> Result<()> {
         let log = broker.proc.log();
         let line = log
             .lines()
-            .filter(|l| l.contains("rejected new TLS material") && l.contains(reason))
-            .last()
+            .rfind(|l| l.contains("rejected new TLS material") && l.contains(reason))
             .with_context(|| format!("{what}: no log line saying {reason:?}"))?;
         // The line names the file an operator has to fix.
         assert!(

@@ -56,16 +56,12 @@ async fn watch_all(
                 continue;
             }
         };
-        loop {
-            match watch.message().await {
-                Ok(Some(resp)) => {
-                    let mut seen = seen.lock().unwrap();
-                    for kv in resp.events().iter().filter_map(|e| e.kv()) {
-                        seen.insert(String::from_utf8_lossy(kv.key()).into_owned());
-                        next_rev = next_rev.max(kv.mod_revision() + 1);
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        // Ends on an error or the end of the stream; both mean: watch again.
+        while let Ok(Some(resp)) = watch.message().await {
+            let mut seen = seen.lock().unwrap();
+            for kv in resp.events().iter().filter_map(|e| e.kv()) {
+                seen.insert(String::from_utf8_lossy(kv.key()).into_owned());
+                next_rev = next_rev.max(kv.mod_revision() + 1);
             }
         }
         restarts.fetch_add(1, Ordering::Relaxed);
