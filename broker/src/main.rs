@@ -13,7 +13,7 @@ use etcd_shim_broker::jwt::{self, Jwks, JwtVerifier};
 use etcd_shim_broker::metrics::Metrics;
 use etcd_shim_broker::metrics::Reloaded;
 use etcd_shim_broker::tokenreview::TokenReviewer;
-use etcd_shim_broker::upstream::Upstream;
+use etcd_shim_broker::upstream::{Connector, Upstream};
 use etcd_shim_broker::{Broker, BrokerConfig};
 use etcd_shim_core::admin::{self, AdminState, Readiness};
 use etcd_shim_core::logging::{self, LogFormat};
@@ -21,6 +21,7 @@ use etcd_shim_core::shutdown::Shutdown;
 use etcd_shim_core::tls::{
     ReloadHook, ReloadOptions, ReloadOutcome, ServerTlsFiles, TlsAcceptorSource,
 };
+use etcd_shim_core::tls::ClientTlsFiles;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -62,6 +63,27 @@ struct Args {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd_endpoints: Vec<String>,
+    /// CA bundle (PEM) that etcd's serving certificate must chain to; required for
+    /// https:// endpoints. Like the certificate and key it is followed on disk: new
+    /// valid files are used for new connections without failing calls in flight.
+    #[arg(long, env = "ETCD_SHIM_BROKER_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM chain) presented to etcd; needs --etcd-key-file. It must
+    /// chain to --etcd-ca-file, match the key and not be expired, or it is refused (the
+    /// previous one stays in force after start-up).
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_ETCD_CERT_FILE",
+        requires = "etcd_key_file"
+    )]
+    etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_ETCD_KEY_FILE",
+        requires = "etcd_cert_file"
+    )]
+    etcd_key_file: Option<PathBuf>,
     /// How shims are authenticated. Default: `static` when --static-tokens-file is
     /// given, otherwise `tokenreview`.
     #[arg(long, env = "ETCD_SHIM_BROKER_AUTH_MODE", value_enum)]
@@ -137,6 +159,16 @@ enum AuthMode {
 }
 
 impl Args {
+    /// The default backend's client TLS files, if any is given.
+    fn etcd_tls(&self) -> Option<ClientTlsFiles> {
+        let files = ClientTlsFiles {
+            ca: self.etcd_ca_file.clone(),
+            cert: self.etcd_cert_file.clone(),
+            key: self.etcd_key_file.clone(),
+        };
+        (files != ClientTlsFiles::default()).then_some(files)
+    }
+
     /// The auth mode in force, after checking the flags it needs are there.
     fn auth_mode(&self) -> Result<AuthMode, String> {
         let mode = self
@@ -181,11 +213,17 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mode = args.auth_mode().map_err(anyhow::Error::msg)?;
-    let upstream = Upstream::new(&args.etcd_endpoints)?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     let shutdown = Shutdown::new();
     let tls = serving_tls(&args, &metrics, &shutdown)?;
+    let upstream = Upstream::start(
+        config::IMPLICIT_BACKEND,
+        &args.etcd_endpoints,
+        args.etcd_tls(),
+        &Connector::new(metrics.clone(), shutdown.token()),
+    )
+    .context("etcd connections (--etcd-endpoints, --etcd-*-file)")?;
     let auth = authenticator(&args, mode, &metrics, &shutdown).await?;
     let cfg = BrokerConfig {
         tenant_prefix_root: args.tenant_prefix_root.clone(),
@@ -417,6 +455,7 @@ mod tests {
             a.tls_cert_file, None,
             "plaintext unless a certificate is given"
         );
+        assert_eq!(a.etcd_tls(), None, "plaintext to etcd unless a TLS file is given");
     }
 
     #[test]
@@ -437,6 +476,37 @@ mod tests {
             parse(&["--tls-key-file", "/k"]).is_err(),
             "a certificate is needed"
         );
+    }
+
+    #[test]
+    fn etcd_tls_flags() {
+        let a = Args::try_parse_from([
+            "b",
+            "--etcd-endpoints",
+            "https://a:2379",
+            "--etcd-ca-file",
+            "/s/ca.crt",
+            "--etcd-cert-file",
+            "/s/tls.crt",
+            "--etcd-key-file",
+            "/s/tls.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.etcd_tls(),
+            Some(ClientTlsFiles {
+                ca: Some("/s/ca.crt".into()),
+                cert: Some("/s/tls.crt".into()),
+                key: Some("/s/tls.key".into()),
+            })
+        );
+        let ca_only = Args::try_parse_from(["b", "--etcd-ca-file", "/s/ca.crt"]).unwrap();
+        assert_eq!(ca_only.etcd_tls().unwrap().cert, None);
+        assert!(
+            Args::try_parse_from(["b", "--etcd-cert-file", "/s/tls.crt"]).is_err(),
+            "a certificate needs its key"
+        );
+        assert!(Args::try_parse_from(["b", "--etcd-key-file", "/s/tls.key"]).is_err());
     }
 
     #[test]

@@ -42,6 +42,17 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendOutcomeLabels {
+    pub backend: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
 /// Handles to every broker metric; clones share the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -68,6 +79,11 @@ pub struct Metrics {
     pub limit_rejections: Family<TenantReasonLabels, Counter>,
     /// Per-tenant limit state; scraped for the usage and limit series.
     pub tenant_states: Arc<States>,
+    /// etcd client credential reloads by backend and outcome (`success`, `failure`).
+    /// Backends are bounded by the config file, so labelling by them is safe.
+    pub credential_reloads: Family<BackendOutcomeLabels, Counter>,
+    /// notAfter (unix seconds) of the etcd client certificate in force, by backend.
+    pub credential_expiry: Family<BackendLabels, Gauge>,
 }
 
 impl Metrics {
@@ -90,6 +106,8 @@ impl Metrics {
             tls_not_after: Gauge::default(),
             limit_rejections: Family::default(),
             tenant_states: Arc::default(),
+            credential_reloads: Family::default(),
+            credential_expiry: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
@@ -163,6 +181,16 @@ impl Metrics {
             m.limit_rejections.clone(),
         );
         r.register_collector(Box::new(m.tenant_states.clone()));
+        r.register(
+            "credential_reloads",
+            "etcd client certificate reloads by backend and outcome; on failure the old credentials stay",
+            m.credential_reloads.clone(),
+        );
+        r.register(
+            "client_certificate_expiry_timestamp_seconds",
+            "When the etcd client certificate in force expires (the CA bundle's first expiry without one), by backend",
+            m.credential_expiry.clone(),
+        );
         m
     }
 
@@ -174,6 +202,26 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// Counts one reload of `backend`'s etcd credentials.
+    pub fn credential_reloaded(&self, backend: &str, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.credential_reloads
+            .get_or_create(&BackendOutcomeLabels {
+                backend: backend.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Records when the credentials `backend` uses expire.
+    pub fn credential_expiry(&self, backend: &str, not_after_unix: i64) {
+        self.credential_expiry
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+            })
+            .set(not_after_unix);
     }
 
     fn reload_family(&self, what: Reloaded) -> &Family<OutcomeLabels, Counter> {

@@ -16,7 +16,7 @@ use crate::config::{
 };
 use crate::limits::{States, TenantState, UNLISTED};
 use crate::rewrite::Prefix;
-use crate::upstream::Upstream;
+use crate::upstream::{Connector, Upstream, client_files};
 
 /// One tenant's view of etcd.
 #[derive(Debug)]
@@ -90,6 +90,8 @@ pub struct TenantResolver {
     current: RwLock<Arc<Routing>>,
     /// Per-tenant limit state; outlives routing tables.
     states: Arc<States>,
+    /// Builds the connections of backends from the config file, with their credentials.
+    connector: Connector,
 }
 
 /// Bound on cached tenants; past it the cache starts over (tenants are cheap to rebuild).
@@ -138,12 +140,19 @@ impl TenantResolver {
             implicit,
             current: RwLock::new(Arc::new(routing)),
             states: Arc::default(),
+            connector: Connector::default(),
         })
     }
 
     /// Keeps tenant states in `states` (shared with the metrics) from now on.
     pub fn use_states(&mut self, states: Arc<States>) {
         self.states = states;
+    }
+
+    /// Reports the credential reloads of config-file backends through `connector`.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     fn routing(&self) -> Arc<Routing> {
@@ -167,7 +176,13 @@ impl TenantResolver {
             let upstream = match reused {
                 Some(u) => u,
                 None => {
-                    let u = Upstream::new(&spec.endpoints).map_err(|e| ConfigError::Backend {
+                    let u = Upstream::start(
+                        &spec.name,
+                        &spec.endpoints,
+                        spec.tls.as_ref().map(client_files),
+                        &self.connector,
+                    )
+                    .map_err(|e| ConfigError::Backend {
                         backend: spec.name.clone(),
                         error: e.to_string(),
                     })?;

@@ -1,8 +1,10 @@
-//! Server TLS material with hot reload. A certificate chain, its private key and an optional
-//! client CA bundle are read from PEM files, validated, and turned into a
-//! `rustls::ServerConfig` that is published on a `tokio::sync::watch` channel: every new
-//! connection takes the latest one, and material that fails validation never replaces
-//! material that works.
+//! TLS material with hot reload, for servers and for clients. Server side: a certificate
+//! chain, its private key and an optional client CA bundle are read from PEM files,
+//! validated, and turned into a `rustls::ServerConfig`. Client side (the broker's
+//! connections to etcd): a CA bundle and an optional client certificate and key are
+//! validated and handed out as PEM for the client library. Either is published on a
+//! `tokio::sync::watch` channel: every new connection takes the latest one, and material
+//! that fails validation never replaces material that works.
 //!
 //! Kubernetes Secret volumes update by swapping a `..data` symlink inside the mount
 //! directory, so the files' directories are watched (not the files, whose inodes never
@@ -53,6 +55,18 @@ pub enum Error {
     Expired { path: PathBuf, not_after: i64 },
     #[error("{}: client CA bundle: {reason}", path.display())]
     ClientCa { path: PathBuf, reason: String },
+    #[error("{}: CA bundle: {reason}", path.display())]
+    Ca { path: PathBuf, reason: String },
+    #[error("certificate {} does not chain to the CA bundle {}: {reason}", cert.display(), ca.display())]
+    Untrusted {
+        cert: PathBuf,
+        ca: PathBuf,
+        reason: String,
+    },
+    #[error("{}: a client certificate and its key must be given together", path.display())]
+    Unpaired { path: PathBuf },
+    #[error("no TLS files given")]
+    Nothing,
     #[error("building the TLS configuration: {0}")]
     Config(rustls::Error),
     #[error("the files kept changing while being read")]
@@ -95,13 +109,22 @@ impl ServerTlsFiles {
         self.alpn = protocols.iter().map(|p| p.to_vec()).collect();
         self
     }
+}
 
-    /// Every file this configuration reads.
-    fn paths(&self) -> impl Iterator<Item = &Path> {
-        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(PathBuf::as_path)
+impl Files for ServerTlsFiles {
+    type Material = ServerTls;
+    const WHAT: &'static str = "serving certificate";
+
+    fn paths(&self) -> [Option<&Path>; 3] {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_deref()]
+    }
+
+    fn build(&self, raw: &RawFiles, now: i64) -> Result<ServerTls> {
+        build(self, raw, now)
+    }
+
+    fn not_after(material: &ServerTls) -> i64 {
+        material.not_after
     }
 }
 
@@ -143,11 +166,33 @@ pub fn load(files: &ServerTlsFiles) -> Result<ServerTls> {
     build(files, &read_stable(files)?, unix_now())
 }
 
-/// Raw file contents, read together.
+/// A set of files that are read together and validated into one piece of material.
+trait Files: Clone + Send + Sync + 'static {
+    type Material: Send + Sync + 'static;
+    /// What log lines call the material.
+    const WHAT: &'static str;
+    /// Certificate, key and CA bundle, each when configured.
+    fn paths(&self) -> [Option<&Path>; 3];
+    fn build(&self, raw: &RawFiles, now: i64) -> Result<Self::Material>;
+    /// notAfter of the certificate the material is known by, unix seconds.
+    fn not_after(material: &Self::Material) -> i64;
+
+    /// The file log lines name: the certificate, or the CA bundle when there is none.
+    fn shown(&self) -> PathBuf {
+        self.paths()
+            .into_iter()
+            .flatten()
+            .next()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+}
+
+/// Raw file contents, read together; `None` for files not configured.
 struct RawFiles {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+    ca: Option<Vec<u8>>,
 }
 
 impl RawFiles {
@@ -156,7 +201,7 @@ impl RawFiles {
         let mut h = DefaultHasher::new();
         self.cert.hash(&mut h);
         self.key.hash(&mut h);
-        self.client_ca.hash(&mut h);
+        self.ca.hash(&mut h);
         h.finish()
     }
 }
@@ -168,18 +213,19 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
-fn read_once(files: &ServerTlsFiles) -> Result<RawFiles> {
+fn read_once(files: &impl Files) -> Result<RawFiles> {
+    let [cert, key, ca] = files.paths();
     Ok(RawFiles {
-        cert: read_file(&files.cert)?,
-        key: read_file(&files.key)?,
-        client_ca: files.client_ca.as_deref().map(read_file).transpose()?,
+        cert: cert.map(read_file).transpose()?,
+        key: key.map(read_file).transpose()?,
+        ca: ca.map(read_file).transpose()?,
     })
 }
 
 /// Reads until two passes agree. Certificate and key are separate files, so a read that
 /// straddles an update could pair an old certificate with a new key; the symlink swap is
 /// atomic, so two identical passes mean one consistent version.
-fn read_stable(files: &ServerTlsFiles) -> Result<RawFiles> {
+fn read_stable(files: &impl Files) -> Result<RawFiles> {
     let mut previous = read_once(files)?;
     for _ in 0..5 {
         let current = read_once(files)?;
@@ -208,50 +254,18 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> 
 
 fn build(files: &ServerTlsFiles, raw: &RawFiles, now: i64) -> Result<ServerTls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = parse_certs(&files.cert, &raw.cert)?;
-    let leaf = chain[0].clone();
-    let not_after = cert_not_after(&leaf).map_err(|reason| Error::Validity {
-        path: files.cert.clone(),
-        reason,
-    })?;
-    if not_after <= now {
-        return Err(Error::Expired {
-            path: files.cert.clone(),
-            not_after,
-        });
-    }
-
-    let key_der = PrivateKeyDer::from_pem_slice(&raw.key).map_err(|error| Error::Pem {
-        path: files.key.clone(),
-        error,
-    })?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key_der)
-        .map_err(|error| Error::Key {
-            path: files.key.clone(),
-            error,
-        })?;
-    let certified = CertifiedKey::new(chain, signing_key);
-    match certified.keys_match() {
-        Ok(()) => {}
-        // Every key type the ring provider loads can report its public key, so this only
-        // happens with exotic keys; rustls itself accepts them, and so do we.
-        Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
-            tracing::warn!(key = %files.key.display(), "cannot check that the private key matches the certificate");
-        }
-        Err(_) => {
-            return Err(Error::KeyMismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-            });
-        }
-    }
+    let (certified, not_after) = certified_key(
+        (&files.cert, raw.cert.as_deref().unwrap_or_default()),
+        (&files.key, raw.key.as_deref().unwrap_or_default()),
+        &provider,
+        now,
+    )?;
+    let leaf = certified.cert[0].clone();
 
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(Error::Config)?;
-    let builder = match (&files.client_ca, &raw.client_ca) {
+    let builder = match (&files.client_ca, &raw.ca) {
         (Some(path), Some(pem)) => {
             builder.with_client_cert_verifier(client_verifier(path, pem, &provider)?)
         }
@@ -264,6 +278,55 @@ fn build(files: &ServerTlsFiles, raw: &RawFiles, now: i64) -> Result<ServerTls> 
         leaf,
         not_after,
     })
+}
+
+/// Parses a certificate chain and its key, and checks that the leaf has not expired and
+/// that the key is the leaf's. Returns the pair and the leaf's notAfter.
+fn certified_key(
+    (cert_path, cert_pem): (&Path, &[u8]),
+    (key_path, key_pem): (&Path, &[u8]),
+    provider: &CryptoProvider,
+    now: i64,
+) -> Result<(CertifiedKey, i64)> {
+    let chain = parse_certs(cert_path, cert_pem)?;
+    let not_after = cert_not_after(&chain[0]).map_err(|reason| Error::Validity {
+        path: cert_path.to_owned(),
+        reason,
+    })?;
+    if not_after <= now {
+        return Err(Error::Expired {
+            path: cert_path.to_owned(),
+            not_after,
+        });
+    }
+
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| Error::Pem {
+        path: key_path.to_owned(),
+        error,
+    })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|error| Error::Key {
+            path: key_path.to_owned(),
+            error,
+        })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => {}
+        // Every key type the ring provider loads can report its public key, so this only
+        // happens with exotic keys; rustls itself accepts them, and so do we.
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            tracing::warn!(key = %key_path.display(), "cannot check that the private key matches the certificate");
+        }
+        Err(_) => {
+            return Err(Error::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            });
+        }
+    }
+    Ok((certified, not_after))
 }
 
 fn client_verifier(
@@ -392,33 +455,8 @@ impl TlsAcceptorSource {
         options: ReloadOptions,
         stop: CancellationToken,
     ) -> Result<Self> {
-        // Watch before the first read, so a change landing right after it still wakes
-        // the reloader.
-        let (event_tx, events) = mpsc::channel::<()>(1);
-        let watcher = if options.watch_files {
-            watch_dirs(&files, event_tx)
-        } else {
-            None
-        };
-        let raw = read_stable(&files)?;
-        let tls = build(&files, &raw, unix_now())?;
-        let stats = Arc::new(ReloadStats::default());
-        stats.not_after.store(tls.not_after, Ordering::Relaxed);
-        tracing::info!(
-            cert = %files.cert.display(),
-            not_after = %format_unix(tls.not_after),
-            "serving certificate loaded"
-        );
-        let (tx, rx) = watch::channel(Arc::new(tls));
-        let reloader = Reloader {
-            files,
-            options,
-            tx,
-            stats: stats.clone(),
-            last_seen: raw.fingerprint(),
-        };
-        tokio::spawn(reloader.run(events, watcher, stop));
-        Ok(Self { current: rx, stats })
+        let (current, stats) = start_reloader(files, options, stop)?;
+        Ok(Self { current, stats })
     }
 
     /// The material in force.
@@ -441,19 +479,241 @@ impl TlsAcceptorSource {
     }
 }
 
+/// Where a client's material lives: the CA bundle that the server's certificate must
+/// chain to, and the certificate and key the client presents (both or neither).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// PEM bundle of CAs trusted for the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain presented to the server, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+impl Files for ClientTlsFiles {
+    type Material = ClientTls;
+    const WHAT: &'static str = "client certificate";
+
+    fn paths(&self) -> [Option<&Path>; 3] {
+        [
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.ca.as_deref(),
+        ]
+    }
+
+    fn build(&self, raw: &RawFiles, now: i64) -> Result<ClientTls> {
+        build_client(self, raw, now)
+    }
+
+    fn not_after(material: &ClientTls) -> i64 {
+        material.not_after
+    }
+}
+
+/// One validated set of client material, as PEM for the client library to parse.
+pub struct ClientTls {
+    /// The CA bundle, as read.
+    ca: Option<Vec<u8>>,
+    /// Certificate chain and key, as read.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// notAfter of the client certificate or, without one, of the first CA to expire.
+    not_after: i64,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("not_after", &format_unix(self.not_after))
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// The CA bundle (PEM) the server's certificate must chain to.
+    pub fn ca_pem(&self) -> Option<&[u8]> {
+        self.ca.as_deref()
+    }
+
+    /// The client certificate chain and its private key (PEM), if one is presented.
+    pub fn identity_pem(&self) -> Option<(&[u8], &[u8])> {
+        self.identity
+            .as_ref()
+            .map(|(c, k)| (c.as_slice(), k.as_slice()))
+    }
+
+    /// notAfter of the client certificate (of the earliest CA without one), unix seconds.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after
+    }
+}
+
+/// Reads and validates client material once.
+pub fn load_client(files: &ClientTlsFiles) -> Result<ClientTls> {
+    build_client(files, &read_stable(files)?, unix_now())
+}
+
+/// Validates client material: every file parses, the certificate has not expired, the key
+/// is the certificate's, and the certificate chains to the CA bundle (when both are given),
+/// as the server will check. Servers that trust another CA for clients than the one that
+/// signed their own certificate need that CA in the bundle too.
+fn build_client(files: &ClientTlsFiles, raw: &RawFiles, now: i64) -> Result<ClientTls> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut not_after = None;
+    let ca = match (&files.ca, &raw.ca) {
+        (Some(path), Some(pem)) => {
+            let certs = parse_certs(path, pem)?;
+            let mut earliest = i64::MAX;
+            for cert in &certs {
+                let t = cert_not_after(cert).map_err(|reason| Error::Validity {
+                    path: path.clone(),
+                    reason,
+                })?;
+                earliest = earliest.min(t);
+            }
+            not_after = Some(earliest);
+            Some((path, pem))
+        }
+        _ => None,
+    };
+    let identity = match (&files.cert, &raw.cert, &files.key, &raw.key) {
+        (Some(cert_path), Some(cert_pem), Some(key_path), Some(key_pem)) => {
+            let (certified, leaf_not_after) =
+                certified_key((cert_path, cert_pem), (key_path, key_pem), &provider, now)?;
+            if let Some((ca_path, ca_pem)) = ca {
+                let verifier =
+                    client_verifier(ca_path, ca_pem, &provider).map_err(|e| match e {
+                        Error::ClientCa { path, reason } => Error::Ca { path, reason },
+                        e => e,
+                    })?;
+                verifier
+                    .verify_client_cert(
+                        &certified.cert[0],
+                        &certified.cert[1..],
+                        rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+                            now.max(0) as u64,
+                        )),
+                    )
+                    .map_err(|e| Error::Untrusted {
+                        cert: cert_path.clone(),
+                        ca: ca_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            not_after = Some(leaf_not_after);
+            Some((cert_pem.clone(), key_pem.clone()))
+        }
+        (Some(path), _, None, _) | (None, _, Some(path), _) => {
+            return Err(Error::Unpaired { path: path.clone() });
+        }
+        _ => None,
+    };
+    let Some(not_after) = not_after else {
+        return Err(Error::Nothing);
+    };
+    Ok(ClientTls {
+        ca: ca.map(|(_, pem)| pem.clone()),
+        identity,
+        not_after,
+    })
+}
+
+/// Hands out the latest good client material. Cheap to clone; a client builds its
+/// connections from [`ClientTlsSource::current`] and rebuilds them when
+/// [`ClientTlsSource::subscribe`] reports new material.
+#[derive(Clone, Debug)]
+pub struct ClientTlsSource {
+    /// Always holds validated material; only the reloader sends.
+    current: watch::Receiver<Arc<ClientTls>>,
+    /// Shared with the reloader, which updates it.
+    stats: Arc<ReloadStats>,
+}
+
+impl ClientTlsSource {
+    /// Loads the files now (failing if they are not usable) and keeps them current in a
+    /// background task until `stop` is cancelled or every clone of the source is dropped.
+    /// Must be called within a Tokio runtime.
+    pub fn start(
+        files: ClientTlsFiles,
+        options: ReloadOptions,
+        stop: CancellationToken,
+    ) -> Result<Self> {
+        let (current, stats) = start_reloader(files, options, stop)?;
+        Ok(Self { current, stats })
+    }
+
+    /// The material in force.
+    pub fn current(&self) -> Arc<ClientTls> {
+        self.current.borrow().clone()
+    }
+
+    pub fn stats(&self) -> &Arc<ReloadStats> {
+        &self.stats
+    }
+
+    /// A receiver that wakes up whenever new material is put in force.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClientTls>> {
+        self.current.clone()
+    }
+}
+
+/// The receiving end of a reloader: the material in force, and the reload counts.
+type Published<M> = (watch::Receiver<Arc<M>>, Arc<ReloadStats>);
+
+/// Loads `files` now (failing if they are not usable) and spawns the task that keeps them
+/// current until `stop` is cancelled or every receiver is dropped.
+fn start_reloader<F: Files>(
+    files: F,
+    options: ReloadOptions,
+    stop: CancellationToken,
+) -> Result<Published<F::Material>> {
+    // Watch before the first read, so a change landing right after it still wakes the
+    // reloader.
+    let (event_tx, events) = mpsc::channel::<()>(1);
+    let watcher = if options.watch_files {
+        watch_dirs(&files, event_tx)
+    } else {
+        None
+    };
+    let raw = read_stable(&files)?;
+    let material = files.build(&raw, unix_now())?;
+    let not_after = F::not_after(&material);
+    let stats = Arc::new(ReloadStats::default());
+    stats.not_after.store(not_after, Ordering::Relaxed);
+    tracing::info!(
+        cert = %files.shown().display(),
+        not_after = %format_unix(not_after),
+        "{} loaded",
+        F::WHAT
+    );
+    let (tx, rx) = watch::channel(Arc::new(material));
+    let reloader = Reloader {
+        files,
+        options,
+        tx,
+        stats: stats.clone(),
+        last_seen: raw.fingerprint(),
+    };
+    tokio::spawn(reloader.run(events, watcher, stop));
+    Ok((rx, stats))
+}
+
 /// Background task state.
-struct Reloader {
-    files: ServerTlsFiles,
+struct Reloader<F: Files> {
+    files: F,
     options: ReloadOptions,
     /// Publishes validated material; its receivers are the sources handed out.
-    tx: watch::Sender<Arc<ServerTls>>,
+    tx: watch::Sender<Arc<F::Material>>,
     stats: Arc<ReloadStats>,
     /// Fingerprint of the last contents tried, good or bad, so unchanged files are neither
     /// reloaded nor reported again on every periodic re-check.
     last_seen: u64,
 }
 
-impl Reloader {
+impl<F: Files> Reloader<F> {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<()>,
@@ -492,7 +752,7 @@ impl Reloader {
             Ok(Err(e)) => {
                 // Missing files are normal for a moment during some update schemes; the
                 // next event or re-check tries again, and the old material stays.
-                tracing::warn!(error = %e, "cannot read TLS material; keeping the current certificate");
+                tracing::warn!(error = %e, "cannot read TLS material; keeping the current {}", F::WHAT);
                 return;
             }
             Err(e) => {
@@ -502,20 +762,21 @@ impl Reloader {
         };
         let fingerprint = raw.fingerprint();
         if fingerprint == self.last_seen {
-            tracing::debug!(cert = %self.files.cert.display(), "TLS files unchanged");
+            tracing::debug!(cert = %self.files.shown().display(), "TLS files unchanged");
             return;
         }
         self.last_seen = fingerprint;
-        let outcome = match build(&self.files, &raw, unix_now()) {
-            Ok(tls) => {
-                let not_after = tls.not_after;
+        let outcome = match self.files.build(&raw, unix_now()) {
+            Ok(material) => {
+                let not_after = F::not_after(&material);
                 self.stats.not_after.store(not_after, Ordering::Relaxed);
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                self.tx.send_replace(Arc::new(tls));
+                self.tx.send_replace(Arc::new(material));
                 tracing::info!(
-                    cert = %self.files.cert.display(),
+                    cert = %self.files.shown().display(),
                     not_after = %format_unix(not_after),
-                    "new serving certificate in force"
+                    "new {} in force",
+                    F::WHAT
                 );
                 ReloadOutcome::Reloaded { not_after }
             }
@@ -523,7 +784,8 @@ impl Reloader {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     error = %e,
-                    "rejected new TLS material; the previous certificate stays in force"
+                    "rejected new TLS material; the previous {} stays in force",
+                    F::WHAT
                 );
                 ReloadOutcome::Rejected {
                     error: e.to_string(),
@@ -539,9 +801,10 @@ impl Reloader {
         let not_after = self.stats.not_after_unix();
         if not_after <= unix_now() {
             tracing::error!(
-                cert = %self.files.cert.display(),
+                cert = %self.files.shown().display(),
                 not_after = %format_unix(not_after),
-                "the serving certificate in force has expired and no valid replacement was found"
+                "the {} in force has expired and no valid replacement was found",
+                F::WHAT
             );
         }
     }
@@ -550,10 +813,7 @@ impl Reloader {
 /// Watches the directories holding the files (and, for symlinked paths, the directories
 /// they resolve to). Returns `None` when watching is impossible; the periodic re-check
 /// still picks up changes then.
-fn watch_dirs(
-    files: &ServerTlsFiles,
-    events: mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
+fn watch_dirs(files: &impl Files, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::event::{AccessKind, AccessMode};
     use notify::{EventKind, RecursiveMode, Watcher};
 
@@ -577,7 +837,7 @@ fn watch_dirs(
         }
     };
     let mut dirs = BTreeSet::new();
-    for path in files.paths() {
+    for path in files.paths().into_iter().flatten() {
         let Some(parent) = parent_dir(path) else {
             continue;
         };
@@ -1121,5 +1381,179 @@ mod tests {
         assert_eq!(source.stats().not_after_unix(), not_after);
         let leaf = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
         assert_eq!(served_leaf(&source, &ca.pem).await, leaf);
+    }
+
+    /// Name, CA bundle, certificate, key, and what loading them gives.
+    type Case = (
+        &'static str,
+        Option<PathBuf>,
+        Option<PathBuf>,
+        Option<PathBuf>,
+        Want,
+    );
+
+    /// What a client validation case expects.
+    enum Want {
+        Ok(i64),
+        Err(&'static str),
+    }
+
+    #[test]
+    fn client_material_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let other_ca = TestCa::new();
+        let (cert, key, not_after) = ca.leaf((2090, 3, 4));
+        let (_, other_key, _) = ca.leaf((2090, 1, 1));
+        let (expired, expired_key, _) = ca.leaf((2020, 1, 1));
+        let (foreign, foreign_key, foreign_not_after) = other_ca.leaf((2091, 1, 1));
+        let both_cas = format!("{}{}", ca.pem, other_ca.pem);
+        let f = |name: &str, text: &str| Some(write(dir.path(), name, text));
+        // CA bundle, certificate, key, expected outcome.
+        let cases: Vec<Case> = vec![
+            (
+                "good",
+                f("ca1", &ca.pem),
+                f("c1", &cert),
+                f("k1", &key),
+                Want::Ok(not_after),
+            ),
+            (
+                "certificate of another CA, trusted through a bundle of both",
+                f("ca2", &both_cas),
+                f("c2", &foreign),
+                f("k2", &foreign_key),
+                Want::Ok(foreign_not_after),
+            ),
+            (
+                "CA only (server authentication, no client certificate)",
+                f("ca3", &ca.pem),
+                None,
+                None,
+                // rcgen's default notAfter, which the test CA keeps.
+                Want::Ok(CertificateParams::default().not_after.unix_timestamp()),
+            ),
+            (
+                "mismatched key",
+                f("ca4", &ca.pem),
+                f("c4", &cert),
+                f("k4", &other_key),
+                Want::Err("does not match"),
+            ),
+            (
+                "expired certificate",
+                f("ca5", &ca.pem),
+                f("c5", &expired),
+                f("k5", &expired_key),
+                Want::Err("expired at 2020-01-01T00:00:00Z"),
+            ),
+            (
+                "wrong CA",
+                f("ca6", &ca.pem),
+                f("c6", &foreign),
+                f("k6", &foreign_key),
+                Want::Err("does not chain to the CA bundle"),
+            ),
+            (
+                "garbage certificate",
+                f("ca7", &ca.pem),
+                f("c7", "garbage"),
+                f("k7", &key),
+                Want::Err("no PEM certificate found"),
+            ),
+            (
+                "garbage key",
+                f("ca8", &ca.pem),
+                f("c8", &cert),
+                f(
+                    "k8",
+                    "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n",
+                ),
+                Want::Err("invalid PEM"),
+            ),
+            (
+                "garbage CA",
+                f("ca9", "garbage"),
+                f("c9", &cert),
+                f("k9", &key),
+                Want::Err("no PEM certificate found"),
+            ),
+            (
+                "certificate without key",
+                f("ca10", &ca.pem),
+                f("c10", &cert),
+                None,
+                Want::Err("must be given together"),
+            ),
+            ("nothing", None, None, None, Want::Err("no TLS files given")),
+        ];
+        for (name, ca_path, cert_path, key_path, want) in cases {
+            let files = ClientTlsFiles {
+                ca: ca_path,
+                cert: cert_path.clone(),
+                key: key_path,
+            };
+            match (load_client(&files), want) {
+                (Ok(tls), Want::Ok(expected)) => {
+                    assert_eq!(tls.not_after_unix(), expected, "{name}");
+                    assert_eq!(tls.identity_pem().is_some(), cert_path.is_some(), "{name}");
+                }
+                (Err(e), Want::Err(text)) => {
+                    assert!(e.to_string().contains(text), "{name}: {e}");
+                }
+                (Ok(_), Want::Err(text)) => panic!("{name}: accepted, wanted {text:?}"),
+                (Err(e), Want::Ok(_)) => panic!("{name}: refused: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn client_source_swaps_to_new_material_and_keeps_old_on_garbage() {
+        let ca = TestCa::new();
+        let (cert1, key1, not_after1) = ca.leaf((2090, 1, 1));
+        let (cert2, key2, not_after2) = ca.leaf((2091, 1, 1));
+        let mut volume = SecretVolume::new(&cert1, &key1);
+        let files = ClientTlsFiles {
+            ca: None,
+            cert: Some(volume.root.path().join("tls.crt")),
+            key: Some(volume.root.path().join("tls.key")),
+        };
+        let stop = CancellationToken::new();
+        let (hook, seen) = recording_hook();
+        let options = ReloadOptions {
+            debounce: Duration::from_millis(50),
+            on_reload: Some(hook),
+            ..ReloadOptions::default()
+        };
+        let source = ClientTlsSource::start(files, options, stop.clone()).unwrap();
+        let mut changes = source.subscribe();
+        assert_eq!(source.current().not_after_unix(), not_after1);
+        volume.publish(&cert2, "garbage");
+        eventually("the garbage key is rejected", || {
+            source.stats().errors() == 1
+        })
+        .await;
+        assert_eq!(source.current().not_after_unix(), not_after1);
+        assert!(!changes.has_changed().unwrap(), "nothing new published");
+        volume.publish(&cert2, &key2);
+        tokio::time::timeout(Duration::from_secs(10), changes.changed())
+            .await
+            .expect("new material published")
+            .unwrap();
+        assert_eq!(changes.borrow().not_after_unix(), not_after2);
+        let (published_cert, _) = source
+            .current()
+            .identity_pem()
+            .map(|(c, k)| (c.to_vec(), k.to_vec()))
+            .unwrap();
+        assert_eq!(published_cert, cert2.as_bytes());
+        assert!(matches!(
+            &seen.lock().unwrap()[..],
+            [
+                ReloadOutcome::Rejected { .. },
+                ReloadOutcome::Reloaded { .. }
+            ]
+        ));
+        stop.cancel();
     }
 }

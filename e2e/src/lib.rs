@@ -470,3 +470,201 @@ impl TwoTenants {
         Ok(Self { etcd, broker, a, b })
     }
 }
+
+/// Files an etcd member serves TLS with: its certificate and key, and the CA bundle that
+/// client certificates must chain to (`--client-cert-auth`). The files are read when
+/// etcd starts, so a test rewrites them and restarts a member to change what it trusts.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trusted_ca: PathBuf,
+}
+
+/// One member of an [`EtcdCluster`].
+pub struct EtcdMember {
+    pub name: String,
+    /// Client URL (`http://` or `https://`).
+    pub url: String,
+    /// Plain-HTTP address of `/health` and `/metrics`, reachable whatever the TLS setup.
+    pub metrics_addr: String,
+    /// The exact command, to start the member again on the same ports and data.
+    args: Vec<String>,
+    pub proc: Option<Proc>,
+}
+
+/// An etcd cluster of one or more members on loopback, plaintext or serving TLS with
+/// client-certificate authentication; data in a temporary directory.
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    tls: Option<EtcdTls>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one is healthy; retries with new
+    /// ports if one was taken meanwhile.
+    pub fn start(size: usize, tls: Option<EtcdTls>) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(size, tls.clone()) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("etcd cluster did not start")))
+    }
+
+    fn try_start(size: usize, tls: Option<EtcdTls>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ports: Vec<(u16, u16, u16)> = (0..size)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer, _))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(size);
+        for (i, (client, peer, metrics)) in ports.into_iter().enumerate() {
+            let name = format!("m{i}");
+            let url = format!("{scheme}://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let metrics_addr = format!("127.0.0.1:{metrics}");
+            let data = dir.path().join(&name).display().to_string();
+            let mut args: Vec<String> = [
+                "--name",
+                &name,
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-token",
+                "e2e",
+                "--listen-metrics-urls",
+                &format!("http://{metrics_addr}"),
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(t) = &tls {
+                args.push("--client-cert-auth".into());
+                for (flag, path) in [
+                    ("--trusted-ca-file", &t.trusted_ca),
+                    ("--cert-file", &t.cert),
+                    ("--key-file", &t.key),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.display().to_string());
+                }
+            }
+            members.push(EtcdMember {
+                name,
+                url,
+                metrics_addr,
+                args,
+                proc: None,
+            });
+        }
+        let mut cluster = Self { members, tls, dir };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        for i in 0..size {
+            cluster.wait_healthy(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        let mut cmd = Command::new("etcd");
+        cmd.args(&m.args);
+        m.proc = Some(Proc::spawn(&m.name, cmd, self.dir.path())?);
+        Ok(())
+    }
+
+    /// Waits until member `i` reports itself healthy (it has a leader).
+    pub fn wait_healthy(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        let addr = m.metrics_addr.clone();
+        let proc = m.proc.as_mut().context("member not running")?;
+        let healthy = wait_for("etcd member to be healthy", Duration::from_secs(30), || {
+            if !proc.is_running() {
+                return Some(false);
+            }
+            http_get(&addr, "/health")
+                .ok()
+                .filter(|(code, body)| *code == 200 && body.contains("true"))
+                .map(|_| true)
+        })?;
+        if !healthy {
+            bail!("etcd {} exited: {}", m.name, proc.log());
+        }
+        Ok(())
+    }
+
+    /// Client URLs of every member.
+    pub fn urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.url.clone()).collect()
+    }
+
+    /// SIGKILL member `i`, as a crash or a lost node would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(p) = self.members[i].proc.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// Stops member `i` and starts it again on the same ports and data (re-reading its
+    /// TLS files), then waits until it is healthy.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        if let Some(p) = self.members[i].proc.as_mut() {
+            p.stop();
+        }
+        self.spawn(i)?;
+        self.wait_healthy(i)
+    }
+
+    /// etcdctl against the whole cluster directly, with the given client credentials
+    /// (`(ca, cert, key)`) when it serves TLS.
+    pub fn etcdctl_as(
+        &self,
+        creds: Option<(&Path, &Path, &Path)>,
+        args: &[&str],
+    ) -> Result<Output> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.urls().join(",")])
+            .args(["--dial-timeout", "3s", "--command-timeout", "5s"]);
+        if let Some((ca, cert, key)) = creds {
+            cmd.arg("--cacert")
+                .arg(ca)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
+        cmd.args(args);
+        run_bounded(cmd, Duration::from_secs(30))
+    }
+
+    /// The TLS files the members serve with.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+}

@@ -118,24 +118,12 @@ Ports: what the binaries listen on, their probes and Services all come from here
 {{- end -}}
 
 {{/*
-The broker config file: the values' `broker.config` plus the `default` backend built from
-`etcd.endpoints` and the mounted client certificate (unless the values define `default`).
+The broker config file: the values' `broker.config`. The `default` backend comes from the
+broker's flags (`etcd.endpoints` and the mounted client certificate) unless the values
+define one.
 */}}
 {{- define "etcd-shim.brokerConfig" -}}
-{{- $cfg := deepCopy .Values.broker.config -}}
-{{- $backends := default list $cfg.backends -}}
-{{- $redefined := false -}}
-{{- range $backends }}{{ if eq .name "default" }}{{ $redefined = true }}{{ end }}{{ end -}}
-{{- if not $redefined -}}
-{{- $default := dict "name" "default" "endpoints" .Values.etcd.endpoints -}}
-{{- if .Values.etcd.clientSecret.name -}}
-{{- $dir := include "etcd-shim.etcdClientDir" . -}}
-{{- $_ := set $default "tls" (dict "ca" (print $dir "/ca.crt") "cert" (print $dir "/tls.crt") "key" (print $dir "/tls.key")) -}}
-{{- end -}}
-{{- $backends = prepend $backends $default -}}
-{{- end -}}
-{{- $_ := set $cfg "backends" $backends -}}
-{{- toYaml $cfg -}}
+{{- toYaml .Values.broker.config -}}
 {{- end -}}
 
 {{/* Pod securityContext shared by all of the chart's pods. */}}
@@ -260,6 +248,12 @@ templates/broker/deployment.yaml.
 - {{ print "--listen=0.0.0.0:" (include "etcd-shim.brokerGrpcPort" .) | quote }}
 - {{ print "--admin-listen=0.0.0.0:" (include "etcd-shim.brokerAdminPort" .) | quote }}
 - {{ print "--etcd-endpoints=" (join "," .Values.etcd.endpoints) | quote }}
+{{- if .Values.etcd.clientSecret.name }}
+{{- $dir := include "etcd-shim.etcdClientDir" . }}
+- {{ print "--etcd-ca-file=" $dir "/ca.crt" | quote }}
+- {{ print "--etcd-cert-file=" $dir "/tls.crt" | quote }}
+- {{ print "--etcd-key-file=" $dir "/tls.key" | quote }}
+{{- end }}
 - {{ print "--config=" (include "etcd-shim.brokerConfigDir" .) "/config.yaml" | quote }}
 - {{ print "--reload-interval=" $b.reloadInterval | quote }}
 - {{ print "--auth-mode=" $b.auth.mode | quote }}
