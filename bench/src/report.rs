@@ -222,13 +222,13 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| shims | broker RSS idle | broker RSS | RSS per shim | broker CPU | CPU per shim | watch p50 | watch p99 | delivered |"
+            "| shims | broker RSS idle | broker RSS | RSS per shim | broker CPU | CPU per shim | watch p50 | watch p99 | delivered | failed writes |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.scale {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} KiB | {:.2} cores | {:.2} millicores | {:.2} ms | {:.2} ms | {}/{} |",
+                "| {} | {} | {} | {:.1} KiB | {:.2} cores | {:.2} millicores | {:.2} ms | {:.2} ms | {}/{} | {} |",
                 r.shims,
                 mib(r.broker_idle_rss_kib),
                 mib(r.broker_rss_kib),
@@ -238,7 +238,8 @@ impl Report {
                 r.watch_p50_ms,
                 r.watch_p99_ms,
                 r.deliveries,
-                r.expected
+                r.expected,
+                r.failed_writes
             );
         }
         let _ = writeln!(s);

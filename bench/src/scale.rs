@@ -38,6 +38,8 @@ pub struct ScaleResult {
     pub broker_cpu_cores: f64,
     pub deliveries: u64,
     pub expected: u64,
+    /// Writes the broker answered with an error (e.g. etcd timing out under load).
+    pub failed_writes: u64,
     pub watch_p50_ms: f64,
     pub watch_p99_ms: f64,
 }
@@ -96,16 +98,20 @@ pub async fn run(
                     let first = rand::rng().random_range(0..trickle.as_millis().max(1) as u64);
                     tokio::time::sleep(Duration::from_millis(first)).await;
                     let mut tick = tokio::time::interval(trickle);
-                    let mut sent = 0u64;
+                    let (mut sent, mut failed) = (0u64, 0u64);
                     while !stop.load(Ordering::Relaxed) {
                         tick.tick().await;
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        shim.put(format!("w/{i}"), now_nanos().to_string()).await?;
-                        sent += 1;
+                        // A failed write is a result (the broker or etcd is overloaded),
+                        // not a reason to stop measuring.
+                        match shim.put(format!("w/{i}"), now_nanos().to_string()).await {
+                            Ok(()) => sent += 1,
+                            Err(_) => failed += 1,
+                        }
                     }
-                    anyhow::Ok(sent)
+                    anyhow::Ok((sent, failed))
                 })
             };
             let mut lat = Vec::new();
@@ -114,9 +120,9 @@ pub async fn run(
                     .await
                 {
                     Err(_) => continue,
-                    Ok(m) => m?,
+                    Ok(m) => m,
                 };
-                let Some(resp) = msg else { break };
+                let Ok(Some(resp)) = msg else { break };
                 let now = now_nanos();
                 for ev in resp.events {
                     if let Some(sent) = ev.kv.and_then(|kv| stamp(&kv.value)) {
@@ -124,8 +130,8 @@ pub async fn run(
                     }
                 }
             }
-            let sent = writer.await??;
-            anyhow::Ok((sent, lat))
+            let (sent, failed) = writer.await??;
+            anyhow::Ok((sent, failed, lat))
         });
     }
     drop(ready_tx);
@@ -145,10 +151,11 @@ pub async fn run(
     let elapsed = t0.elapsed().as_secs_f64();
     let rss = usage::rss(pid)?.now_kib;
     stop.store(true, Ordering::Relaxed);
-    let (mut sent, mut lat) = (0u64, Vec::new());
+    let (mut sent, mut failed, mut lat) = (0u64, 0u64, Vec::new());
     while let Some(r) = set.join_next().await {
-        let (s, l) = r??;
+        let (s, f, l) = r??;
         sent += s;
+        failed += f;
         lat.extend(l);
     }
     ensure!(
@@ -168,6 +175,7 @@ pub async fn run(
         broker_cpu_cores: cores,
         deliveries: lat.len() as u64,
         expected: sent,
+        failed_writes: failed,
         watch_p50_ms: percentile(&lat, 0.50) as f64 / 1e6,
         watch_p99_ms: percentile(&lat, 0.99) as f64 / 1e6,
     })
