@@ -14,14 +14,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// Directory of the workspace's binaries: the tests live in `target/<profile>/deps`.
+/// Directory of the workspace's binaries: tests live in `target/<profile>/deps`, other
+/// binaries (the benchmark) beside the ones they start, in `target/<profile>`.
 pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("ETCD_SHIM_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, with a clear message when it was not built.

@@ -1,0 +1,461 @@
+//! etcd-shim-bench: measures etcd-shim against direct etcd and etcd's grpc-proxy on the
+//! same machine in one run, plus the sidecar's memory and the broker's cost per shim,
+//! and writes BENCHMARKS.md.
+
+mod load;
+mod report;
+mod scale;
+mod stack;
+mod stats;
+mod usage;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use etcd_shim_core::parse_duration;
+
+use crate::report::{Machine, MemoryRow, Report, Target, WorkloadResult};
+use crate::stack::{DIRECT, SHIM, Stack};
+use crate::stats::Sample;
+
+#[derive(Debug, Parser)]
+#[command(name = "etcd-shim-bench", version, about)]
+struct Args {
+    /// Rounds: each workload runs once per endpoint per round; figures are medians.
+    #[arg(long, env = "ETCD_SHIM_BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
+    /// Measured time of one workload against one endpoint in one round.
+    #[arg(long, env = "ETCD_SHIM_BENCH_DURATION", default_value = "1500ms", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each measurement.
+    #[arg(long, env = "ETCD_SHIM_BENCH_WARMUP", default_value = "300ms", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Client connections (HTTP/2) per endpoint; concurrent tasks share them round-robin.
+    #[arg(long, env = "ETCD_SHIM_BENCH_CONNECTIONS", default_value_t = 4)]
+    connections: usize,
+    /// Watch streams in the fan-out workload.
+    #[arg(long, env = "ETCD_SHIM_BENCH_WATCHERS", default_value_t = 1000)]
+    watchers: usize,
+    /// Puts per second into the watched key.
+    #[arg(long, env = "ETCD_SHIM_BENCH_WATCH_RATE", default_value_t = 20)]
+    watch_rate: u32,
+    /// How long the fan-out writer runs.
+    #[arg(long, env = "ETCD_SHIM_BENCH_WATCH_DURATION", default_value = "3s", value_parser = parse_duration)]
+    watch_duration: Duration,
+    /// Wait after the workloads before reading memory "after".
+    #[arg(long, env = "ETCD_SHIM_BENCH_AFTER", default_value = "60s", value_parser = parse_duration)]
+    after: Duration,
+    /// Shim counts for the broker scale test, comma-separated; empty skips it.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BENCH_SCALE",
+        value_delimiter = ',',
+        default_value = "100,500,1000"
+    )]
+    scale: Vec<usize>,
+    /// How often each simulated shim writes its key in the scale test.
+    #[arg(long, env = "ETCD_SHIM_BENCH_SCALE_TRICKLE", default_value = "5s", value_parser = parse_duration)]
+    scale_trickle: Duration,
+    /// Measuring window of each scale row.
+    #[arg(long, env = "ETCD_SHIM_BENCH_SCALE_WINDOW", default_value = "15s", value_parser = parse_duration)]
+    scale_window: Duration,
+    /// A smoke run: one short round of everything, a few watchers and shims, no wait.
+    /// Overrides the sizes above.
+    #[arg(long, env = "ETCD_SHIM_BENCH_QUICK")]
+    quick: bool,
+    /// Where to write the report (Markdown); the chart goes beside it as `<name>.svg`.
+    #[arg(long, env = "ETCD_SHIM_BENCH_OUT", default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long, env = "ETCD_SHIM_BENCH_JSON")]
+    json: Option<PathBuf>,
+    /// The command line to print in the report (scripts/bench passes its own).
+    #[arg(long, env = "ETCD_SHIM_BENCH_COMMAND")]
+    command: Option<String>,
+}
+
+impl Args {
+    fn quick(mut self) -> Self {
+        if self.quick {
+            self.rounds = 1;
+            self.duration = Duration::from_millis(200);
+            self.warmup = Duration::from_millis(50);
+            self.watchers = 20;
+            self.watch_rate = 20;
+            self.watch_duration = Duration::from_millis(500);
+            self.after = Duration::ZERO;
+            self.scale = vec![10];
+            self.scale_trickle = Duration::from_millis(500);
+            self.scale_window = Duration::from_secs(1);
+        }
+        self
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse().quick();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let command = args.command.clone().unwrap_or_else(|| {
+        std::env::args()
+            .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let date = capture("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
+    eprintln!("starting etcd, grpc-proxy, broker and shim...");
+    let mut stack = Stack::start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut report = rt.block_on(measure(&args, &mut stack))?;
+    report.date = date;
+    report.command = command;
+    report.machine = machine()?;
+
+    let chart = args.out.with_extension("svg");
+    let chart_name = chart
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let notes = if args.quick {
+        "**Smoke run (`--quick`): one tiny round; these figures are not benchmarks.**"
+    } else {
+        ""
+    };
+    std::fs::write(&args.out, report.markdown(&chart_name, notes))
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(&chart, report.svg())?;
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    eprintln!("wrote {} and {}", args.out.display(), chart.display());
+    Ok(())
+}
+
+/// Largest RSS seen per (process, workload), fed by a sampler while workloads run.
+#[derive(Default)]
+struct Peaks {
+    current: String,
+    max: HashMap<(&'static str, String), u64>,
+}
+
+async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
+    let watched: Vec<(&'static str, u32)> = vec![
+        ("etcd-shim (sidecar)", stack.shim.pid()),
+        ("broker", stack.broker.proc.pid()),
+        ("etcd grpc-proxy", stack.proxy.pid()),
+    ];
+    // Idle: the processes have started and answered their readiness checks only.
+    let idle: HashMap<&str, u64> = watched
+        .iter()
+        .map(|(n, pid)| Ok((*n, usage::rss(*pid)?.now_kib)))
+        .collect::<Result<_>>()?;
+
+    let endpoints = stack.endpoints();
+    let mut clients = Vec::new();
+    for e in &endpoints {
+        let c = load::connect(&e.url, args.connections).await?;
+        eprintln!("seeding keys through {}...", e.name);
+        load::seed(&c).await?;
+        clients.push(c);
+    }
+
+    let peaks = Arc::new(Mutex::new(Peaks::default()));
+    let sampler = {
+        let peaks = peaks.clone();
+        let watched = watched.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let mut p = peaks.lock().expect("peaks lock");
+                let label = p.current.clone();
+                for (name, pid) in &watched {
+                    if let Ok(r) = usage::rss(*pid) {
+                        let m = p.max.entry((*name, label.clone())).or_default();
+                        *m = (*m).max(r.now_kib);
+                    }
+                }
+            }
+        })
+    };
+
+    let workloads = load::workloads();
+    let fanout = format!("watch fan-out, {} watchers", args.watchers);
+    // results[workload][endpoint] = one sample per round
+    let mut results: Vec<Vec<Vec<Sample>>> =
+        vec![vec![Vec::new(); endpoints.len()]; workloads.len() + 1];
+    for round in 0..args.rounds {
+        for (wi, w) in workloads.iter().enumerate() {
+            // Rotate who goes first, so no endpoint always runs right after another's load.
+            for k in 0..endpoints.len() {
+                let ei = (k + round + wi) % endpoints.len();
+                peaks.lock().expect("peaks lock").current = w.name.to_owned();
+                let s = load::run(*w, &clients[ei], args.warmup, args.duration)
+                    .await
+                    .with_context(|| format!("{} against {}", w.name, endpoints[ei].name))?;
+                eprintln!(
+                    "round {}/{} {:<40} {:<16} {:>9.0} ops/s  p50 {:.3} ms  p99 {:.3} ms",
+                    round + 1,
+                    args.rounds,
+                    w.name,
+                    endpoints[ei].name,
+                    s.ops_per_sec,
+                    s.p50_ms,
+                    s.p99_ms
+                );
+                results[wi][ei].push(s);
+            }
+            stack.check_alive()?;
+        }
+        for k in 0..endpoints.len() {
+            let ei = (k + round) % endpoints.len();
+            peaks.lock().expect("peaks lock").current = fanout.clone();
+            let s = load::watch_fanout(
+                &clients[ei],
+                args.watchers,
+                args.watch_rate,
+                args.watch_duration,
+            )
+            .await
+            .with_context(|| format!("{fanout} against {}", endpoints[ei].name))?;
+            eprintln!(
+                "round {}/{} {:<40} {:<16} {:>9.0} events/s  p50 {:.3} ms  p99 {:.3} ms",
+                round + 1,
+                args.rounds,
+                fanout,
+                endpoints[ei].name,
+                s.ops_per_sec,
+                s.p50_ms,
+                s.p99_ms
+            );
+            results[workloads.len()][ei].push(s);
+        }
+        stack.check_alive()?;
+    }
+    sampler.abort();
+    drop(clients);
+
+    let hwm: HashMap<&str, u64> = watched
+        .iter()
+        .map(|(n, pid)| Ok((*n, usage::rss(*pid)?.peak_kib)))
+        .collect::<Result<_>>()?;
+    if !args.after.is_zero() {
+        eprintln!("waiting {:?} before reading memory again...", args.after);
+        tokio::time::sleep(args.after).await;
+    }
+    let peaks = std::mem::take(&mut *peaks.lock().expect("peaks lock"));
+    let mut memory = Vec::new();
+    for (name, pid) in &watched {
+        let (label, load_kib) = peaks
+            .max
+            .iter()
+            .filter(|((n, l), _)| n == name && !l.is_empty())
+            .max_by_key(|(_, v)| **v)
+            .map(|((_, l), v)| (l.clone(), *v))
+            .unwrap_or_default();
+        memory.push(MemoryRow {
+            process: (*name).to_owned(),
+            idle_kib: idle[name],
+            load_kib,
+            load_workload: label,
+            hwm_kib: hwm[name],
+            after_kib: usage::rss(*pid)?.now_kib,
+        });
+    }
+    stack.check_alive()?;
+
+    let names: Vec<&str> = endpoints.iter().map(|e| e.name).collect();
+    let mut workload_results = Vec::new();
+    for (wi, per_endpoint) in results.into_iter().enumerate() {
+        let (name, concurrency) = match workloads.get(wi) {
+            Some(w) => (w.name.to_owned(), w.concurrency),
+            None => (fanout.clone(), args.watchers),
+        };
+        let per: Vec<(&str, Vec<Sample>)> = names.iter().copied().zip(per_endpoint).collect();
+        workload_results.push(WorkloadResult::new(&name, concurrency, per));
+    }
+
+    let mut scale = Vec::new();
+    for &n in &args.scale {
+        eprintln!("broker scale: {n} shims...");
+        let r = scale::run(&stack.etcd.url, n, args.scale_trickle, args.scale_window)
+            .await
+            .with_context(|| format!("broker scale with {n} shims"))?;
+        eprintln!(
+            "broker scale: {n} shims: RSS {} KiB ({:.1} KiB/shim), {:.2} millicores/shim, watch p99 {:.2} ms",
+            r.broker_rss_kib, r.rss_per_shim_kib, r.cpu_millicores_per_shim, r.watch_p99_ms
+        );
+        scale.push(r);
+    }
+
+    let shim_binary_bytes = std::fs::metadata(etcd_shim_e2e::bin("etcd-shim"))?.len();
+    let targets = targets(&workload_results, &memory, &scale, &fanout);
+    let settings = vec![
+        ("rounds".into(), args.rounds.to_string()),
+        (
+            "measured time per workload, endpoint and round".into(),
+            format!("{:?} after {:?} warm-up", args.duration, args.warmup),
+        ),
+        (
+            "client connections per endpoint".into(),
+            args.connections.to_string(),
+        ),
+        (
+            "watch fan-out".into(),
+            format!(
+                "{} watchers on one key, {} puts/s for {:?}",
+                args.watchers, args.watch_rate, args.watch_duration
+            ),
+        ),
+        ("memory \"after\" wait".into(), format!("{:?}", args.after)),
+        (
+            "broker scale".into(),
+            format!(
+                "{:?} shims, one write per shim every {:?}, measured over {:?}",
+                args.scale, args.scale_trickle, args.scale_window
+            ),
+        ),
+        (
+            "values".into(),
+            "256 bytes; reads over 1,000 seeded keys".into(),
+        ),
+    ];
+    Ok(Report {
+        date: String::new(),
+        command: String::new(),
+        machine: Machine {
+            nproc: 0,
+            memory: String::new(),
+            cpu: String::new(),
+            kernel: String::new(),
+            etcd: String::new(),
+        },
+        settings,
+        workloads: workload_results,
+        memory,
+        shim_binary_bytes,
+        scale,
+        targets,
+    })
+}
+
+fn targets(
+    workloads: &[WorkloadResult],
+    memory: &[MemoryRow],
+    scale: &[ScaleResult],
+    fanout: &str,
+) -> Vec<Target> {
+    let mut t = Vec::new();
+    let find = |name: &str| workloads.iter().find(|w| w.name == name);
+    for (name, want) in [
+        ("put c100", 0.75),
+        ("range one key, linearizable, c100", 0.60),
+        ("range random key, linearizable, c100", 0.60),
+        (fanout, 0.95),
+    ] {
+        let ratio = find(name).and_then(|w| w.get(SHIM)).map(|e| e.ratio);
+        t.push(Target {
+            what: format!("{name}: throughput"),
+            wanted: format!(">= {want:.2}x direct"),
+            measured: ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
+            met: ratio.map(|r| r >= want),
+        });
+    }
+    for w in workloads.iter().filter(|w| w.concurrency == 1) {
+        let (Some(d), Some(s)) = (w.get(DIRECT), w.get(SHIM)) else {
+            continue;
+        };
+        let added = s.median.p50_ms - d.median.p50_ms;
+        t.push(Target {
+            what: format!("{}: added p50 latency (both hops)", w.name),
+            wanted: "<= 0.15 ms".into(),
+            measured: format!("{added:.3} ms"),
+            met: Some(added <= 0.15),
+        });
+    }
+    if let Some(m) = memory.iter().find(|m| m.process.starts_with("etcd-shim")) {
+        t.push(Target {
+            what: "shim RSS, idle".into(),
+            wanted: "<= 5 MiB".into(),
+            measured: format!("{:.1} MiB", m.idle_kib as f64 / 1024.0),
+            met: Some(m.idle_kib <= 5 * 1024),
+        });
+        t.push(Target {
+            what: "shim RSS, under load (VmHWM)".into(),
+            wanted: "<= 15 MiB".into(),
+            measured: format!("{:.1} MiB", m.hwm_kib as f64 / 1024.0),
+            met: Some(m.hwm_kib <= 15 * 1024),
+        });
+    }
+    let at_1000 = scale.iter().find(|s| s.shims == 1000);
+    t.push(Target {
+        what: "broker RSS with 1,000 shims".into(),
+        wanted: "<= 150 MiB".into(),
+        measured: at_1000
+            .map(|s| format!("{:.1} MiB", s.broker_rss_kib as f64 / 1024.0))
+            .unwrap_or_default(),
+        met: at_1000.map(|s| s.broker_rss_kib <= 150 * 1024),
+    });
+    t
+}
+
+use crate::scale::ScaleResult;
+
+/// Output of a short command, trimmed.
+fn capture(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn machine() -> Result<Machine> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib as f64 / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let etcd = capture("etcd", &["--version"])?
+        .lines()
+        .next()
+        .unwrap_or("etcd (unknown version)")
+        .to_owned();
+    Ok(Machine {
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        memory,
+        cpu,
+        kernel,
+        etcd,
+    })
+}

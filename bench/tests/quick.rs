@@ -1,0 +1,88 @@
+//! The benchmark's smoke mode against real etcd, grpc-proxy, broker and shim: it must
+//! produce a complete report, with every workload measured on all three endpoints.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use etcd_shim_e2e::run_bounded;
+use serde_json::Value;
+
+const ENDPOINTS: [&str; 3] = ["direct etcd", "etcd grpc-proxy", "etcd-shim"];
+
+#[test]
+fn quick_run_reports_all_three_endpoints() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (md, json) = (dir.path().join("BENCH.md"), dir.path().join("bench.json"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-shim-bench"));
+    cmd.arg("--quick")
+        .arg("--out")
+        .arg(&md)
+        .arg("--json")
+        .arg(&json);
+    let out = run_bounded(cmd, Duration::from_secs(600))?;
+    ensure!(
+        out.status.success(),
+        "benchmark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    let workloads = report["workloads"].as_array().context("workloads")?;
+    // 13 request workloads and the watch fan-out.
+    assert_eq!(workloads.len(), 14, "{workloads:#?}");
+    for w in workloads {
+        let name = w["name"].as_str().context("workload name")?;
+        let got: Vec<&str> = w["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .filter_map(|e| e["endpoint"].as_str())
+            .collect();
+        assert_eq!(got, ENDPOINTS, "{name}");
+        for e in w["endpoints"].as_array().context("endpoints")? {
+            let m = &e["median"];
+            let (ops, p50, p99) = (
+                m["ops_per_sec"].as_f64().unwrap_or(0.0),
+                m["p50_ms"].as_f64().unwrap_or(0.0),
+                m["p99_ms"].as_f64().unwrap_or(0.0),
+            );
+            assert!(ops > 0.0 && p50 > 0.0 && p99 >= p50, "{name}: {e}");
+        }
+        assert_eq!(w["endpoints"][0]["ratio"].as_f64(), Some(1.0), "{name}");
+    }
+
+    let memory = report["memory"].as_array().context("memory")?;
+    assert_eq!(memory.len(), 3);
+    for m in memory {
+        let idle = m["idle_kib"].as_u64().unwrap_or(0);
+        assert!(
+            idle > 0 && m["hwm_kib"].as_u64().unwrap_or(0) >= idle,
+            "{m}"
+        );
+    }
+    assert!(report["shim_binary_bytes"].as_u64().unwrap_or(0) > 0);
+    let scale = report["scale"].as_array().context("scale")?;
+    assert_eq!(scale.len(), 1);
+    assert!(
+        scale[0]["deliveries"].as_u64().unwrap_or(0) > 0,
+        "{scale:#?}"
+    );
+
+    let text = std::fs::read_to_string(&md)?;
+    for heading in ["## Targets", "## Workloads", "## Memory", "## Broker scale"] {
+        assert!(text.contains(heading), "{heading} missing:\n{text}");
+    }
+    for w in workloads {
+        let name = w["name"].as_str().unwrap_or_default();
+        assert!(text.contains(&format!("### {name}")), "{name} missing");
+    }
+    for e in ENDPOINTS {
+        assert!(text.contains(&format!("| {e} |")), "{e} missing");
+    }
+    assert!(text.contains("--quick"), "the exact command is missing");
+    let svg = std::fs::read_to_string(md.with_extension("svg"))?;
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("etcd-shim"));
+    Ok(())
+}
