@@ -277,16 +277,24 @@ def static_checks(docs, repo, namespace, helps):
     check(key in cm["data"], f"the ConfigMap has {key}")
     config = yaml.safe_load(cm["data"][key])
     check(not any(m.get("subPath") for m in bc["volumeMounts"]), "no subPath mounts (they never update)")
+    # The default backend is the one --etcd-endpoints makes; a config file that redefines it
+    # must agree with the flag.
     default = [b for b in config.get("backends", []) if b["name"] == "default"]
     endpoints = bargs["etcd-endpoints"].split(",")
-    check(len(default) == 1 and default[0]["endpoints"] == endpoints,
-          "the config's default backend has the --etcd-endpoints")
+    check(not default or default[0]["endpoints"] == endpoints,
+          "the default backend is --etcd-endpoints")
+    for flag in ("etcd-ca-file", "etcd-cert-file", "etcd-key-file"):
+        if flag in bargs:
+            m = mount_for(bpod, bc, bargs[flag])
+            check(m is not None and "secret" in m[1], f"--{flag} lies in a Secret mount")
+    if any(e.startswith("https://") for e in endpoints):
+        check("etcd-ca-file" in bargs, "https etcd endpoints come with --etcd-ca-file")
     for b in config.get("backends", []):
         for what, path in (b.get("tls") or {}).items():
             m = mount_for(bpod, bc, path)
             check(m is not None and "secret" in m[1],
                   f"backend {b['name']} tls.{what} {path} lies in a Secret mount")
-    names = {b["name"] for b in config.get("backends", [])}
+    names = {"default"} | {b["name"] for b in config.get("backends", [])}
     check(config.get("defaultBackend") in (None, *names), "defaultBackend is defined")
     for i, t in enumerate(config.get("tenants", [])):
         check(t.get("backend") in (None, *names), f"tenant rule {i} names a defined backend")
