@@ -121,7 +121,9 @@ fn start_shim(broker_port: u16, dir: &Path) -> Result<(Proc, String)> {
     let mut cmd = Command::new(bin("etcd-shim"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        // Plaintext on loopback, as the direct and grpc-proxy endpoints are measured.
         .args(["--broker", &format!("http://127.0.0.1:{broker_port}")])
+        .arg("--broker-insecure-plaintext")
         .arg("--token-file")
         .arg(&token_file)
         .args(QUIET);
