@@ -72,8 +72,9 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let mut tenants = TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?
-            .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
+        let mut tenants =
+            TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?
+                .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
         tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
             inner: Arc::new(Inner {

@@ -18,10 +18,10 @@ use etcd_shim_broker::{Broker, BrokerConfig};
 use etcd_shim_core::admin::{self, AdminState, Readiness};
 use etcd_shim_core::logging::{self, LogFormat};
 use etcd_shim_core::shutdown::Shutdown;
+use etcd_shim_core::tls::ClientTlsFiles;
 use etcd_shim_core::tls::{
     ReloadHook, ReloadOptions, ReloadOutcome, ServerTlsFiles, TlsAcceptorSource,
 };
-use etcd_shim_core::tls::ClientTlsFiles;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -455,7 +455,11 @@ mod tests {
             a.tls_cert_file, None,
             "plaintext unless a certificate is given"
         );
-        assert_eq!(a.etcd_tls(), None, "plaintext to etcd unless a TLS file is given");
+        assert_eq!(
+            a.etcd_tls(),
+            None,
+            "plaintext to etcd unless a TLS file is given"
+        );
     }
 
     #[test]

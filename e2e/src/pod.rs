@@ -124,7 +124,10 @@ impl Pod {
     /// for tests that lay the file out (and rotate it) as the kubelet does.
     pub fn start_shim_reading(&mut self, broker_port: u16, token_file: &Path) -> Result<()> {
         let broker = format!("http://{}:{broker_port}", self.host_ip);
-        self.start_shim_at(token_file, &["--broker", &broker, "--broker-insecure-plaintext"])
+        self.start_shim_at(
+            token_file,
+            &["--broker", &broker, "--broker-insecure-plaintext"],
+        )
     }
 
     /// Starts a shim with the given flags (plus listen, admin and token defaults).
