@@ -5,10 +5,11 @@
 //! Change events are only a hint: a periodic re-read catches what a file system does not
 //! report, and the content is compared so that nothing is reloaded when nothing changed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use etcd_shim_core::dirwatch::watch_dir;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -59,36 +60,6 @@ where
             }
         }
     })
-}
-
-/// Watches the directory holding `path`; `None` if impossible for now (the periodic
-/// re-read still works, and the caller tries again later).
-fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let notify = changed.clone();
-    let handler = move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            notify.notify_one();
-        }
-    };
-    let mut w = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch files; re-reading periodically");
-            return None;
-        }
-    };
-    match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            tracing::debug!(dir = %dir.display(), error = %e, "directory not watchable yet");
-            None
-        }
-    }
 }
 
 #[cfg(test)]

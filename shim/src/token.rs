@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use etcd_shim_core::dirwatch::watch_dir;
 use http::HeaderValue;
 use tokio::sync::{Notify, watch};
 
@@ -91,37 +92,6 @@ impl TokenSource {
 
     pub fn current(&self) -> Result<HeaderValue, Arc<str>> {
         self.rx.borrow().clone()
-    }
-}
-
-/// Watches the directory holding `path`; `None` (and a log line) if that is impossible
-/// right now, in which case the periodic re-read still keeps the token current.
-fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let notify = changed.clone();
-    let handler = move |res: notify::Result<notify::Event>| {
-        // Any event in the directory may be a rotation; a re-read is cheap.
-        if res.is_ok() {
-            notify.notify_one();
-        }
-    };
-    let mut w = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch token directory; re-reading periodically");
-            return None;
-        }
-    };
-    match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            tracing::debug!(dir = %dir.display(), error = %e, "token directory not watchable yet");
-            None
-        }
     }
 }
 
