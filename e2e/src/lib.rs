@@ -521,7 +521,7 @@ impl EtcdCluster {
     }
 
     fn try_start(size: usize, tls: Option<EtcdTls>) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let dir = data_dir()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<(u16, u16, u16)> = (0..size)
             .map(|_| (free_port(), free_port(), free_port()))
