@@ -634,6 +634,23 @@ async fn watch(c: &mut Client, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(Vec<i64
     Ok((ids, events))
 }
 
+/// A watch on an empty range is created and canceled at once, with etcd's reason.
+async fn empty_watch_is_refused(c: &mut Client, key: &[u8], end: &[u8]) -> Result<()> {
+    let opts = WatchOptions::new().with_range(end.to_vec());
+    let mut stream = c.watch(key.to_vec(), Some(opts)).await?;
+    let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .context("empty watch range: no answer")??
+        .context("empty watch range: stream ended")?;
+    ensure!(
+        r.created() && r.canceled() && r.cancel_reason() == "mvcc: watcher range is empty",
+        "watch ({}, {}) on an empty range: {r:?}",
+        show(key),
+        show(end)
+    );
+    Ok(())
+}
+
 /// Summary of one tenant's run.
 struct Outcome {
     model: BTreeMap<Vec<u8>, Entry>,
@@ -664,10 +681,15 @@ fn run_tenant(
                 ops_done: BTreeMap::new(),
             };
             // One watch on everything, one on a random range, open for the whole run.
-            let random_range = {
+            // etcd refuses a watch on an empty range (end at or before the key); such a
+            // draw must be refused the same way, and then another range is drawn.
+            let random_range = loop {
                 let k = t.key();
                 let e = t.end(&k);
-                (k, e)
+                if matches!(e.as_slice(), [] | [0]) || k < e {
+                    break (k, e);
+                }
+                empty_watch_is_refused(&mut client, &k, &e).await?;
             };
             let ranges = vec![(b"\0".to_vec(), b"\0".to_vec()), random_range];
             let (ids, events) = watch(&mut client, &ranges).await?;
