@@ -1,7 +1,7 @@
 //! KV: Range, Put, DeleteRange, Txn under the tenant prefix; Compact is absorbed because
 //! compaction is cluster-wide.
 
-use std::time::Instant;
+use crate::metrics::Call;
 
 use etcd_client::proto::{
     PbCompactionRequest, PbCompactionResponse, PbDeleteRequest, PbDeleteResponse, PbKvService,
@@ -23,9 +23,9 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Read, "Range")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
@@ -41,7 +41,7 @@ impl PbKvService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics().observe(SERVICE, "Range", started, &res);
+        self.metrics().observe(SERVICE, "Range", &call, &res);
         res
     }
 
@@ -58,9 +58,9 @@ impl PbKvService for Broker {
     }
 
     async fn put(&self, req: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "Put")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
@@ -107,7 +107,7 @@ impl PbKvService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics().observe(SERVICE, "Put", started, &res);
+        self.metrics().observe(SERVICE, "Put", &call, &res);
         res
     }
 
@@ -115,9 +115,9 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbDeleteRequest>,
     ) -> Result<Response<PbDeleteResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "DeleteRange")?;
             let md = req.metadata().clone();
             let mut r = req.into_inner();
@@ -148,15 +148,14 @@ impl PbKvService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics()
-            .observe(SERVICE, "DeleteRange", started, &res);
+        self.metrics().observe(SERVICE, "DeleteRange", &call, &res);
         res
     }
 
     async fn txn(&self, req: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let writes = quota::txn_writes(req.get_ref());
             let class = if writes { Class::Write } else { Class::Read };
             let _permit = self.admit(&t, class, "Txn")?;
@@ -210,7 +209,7 @@ impl PbKvService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics().observe(SERVICE, "Txn", started, &res);
+        self.metrics().observe(SERVICE, "Txn", &call, &res);
         res
     }
 
@@ -220,9 +219,9 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbCompactionRequest>,
     ) -> Result<Response<PbCompactionResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "Compact")?;
             let md = req.metadata().clone();
             // The current revision, from a range over a key no tenant can create.
@@ -248,7 +247,7 @@ impl PbKvService for Broker {
             }))
         }
         .await;
-        self.metrics().observe(SERVICE, "Compact", started, &res);
+        self.metrics().observe(SERVICE, "Compact", &call, &res);
         res
     }
 }

@@ -1,7 +1,7 @@
 //! Lease: grants are recorded as owned by the tenant; every other call on a lease the
 //! tenant does not own behaves exactly as etcd does for a lease that does not exist.
 
-use std::time::Instant;
+use crate::metrics::Call;
 
 use etcd_client::proto::{
     PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse,
@@ -27,9 +27,9 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<PbLeaseGrantRequest>,
     ) -> Result<Response<PbLeaseGrantResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "LeaseGrant")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
@@ -61,7 +61,7 @@ impl PbLeaseService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics().observe(SERVICE, "LeaseGrant", started, &res);
+        self.metrics().observe(SERVICE, "LeaseGrant", &call, &res);
         res
     }
 
@@ -69,9 +69,9 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<PbLeaseRevokeRequest>,
     ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "LeaseRevoke")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
@@ -92,8 +92,7 @@ impl PbLeaseService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics()
-            .observe(SERVICE, "LeaseRevoke", started, &res);
+        self.metrics().observe(SERVICE, "LeaseRevoke", &call, &res);
         res
     }
 
@@ -202,9 +201,9 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<PbLeaseTimeToLiveRequest>,
     ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Read, "LeaseTimeToLive")?;
             let md = req.metadata().clone();
             let r = req.into_inner();
@@ -234,7 +233,7 @@ impl PbLeaseService for Broker {
         }
         .await;
         self.metrics()
-            .observe(SERVICE, "LeaseTimeToLive", started, &res);
+            .observe(SERVICE, "LeaseTimeToLive", &call, &res);
         res
     }
 
@@ -242,9 +241,9 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<PbLeaseLeasesRequest>,
     ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Read, "LeaseLeases")?;
             let md = req.metadata().clone();
             // The tenant's leases are exactly its ownership records.
@@ -273,8 +272,7 @@ impl PbLeaseService for Broker {
             Ok(Response::new(PbLeaseLeasesResponse { header, leases }))
         }
         .await;
-        self.metrics()
-            .observe(SERVICE, "LeaseLeases", started, &res);
+        self.metrics().observe(SERVICE, "LeaseLeases", &call, &res);
         res
     }
 }

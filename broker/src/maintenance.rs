@@ -3,7 +3,7 @@
 //! one tenant read or disturb the whole cluster, so it is refused as etcd refuses a user
 //! without permission.
 
-use std::time::Instant;
+use crate::metrics::Call;
 
 use etcd_client::proto::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,9 +35,9 @@ impl PbMaintenanceService for Broker {
         &self,
         req: Request<PbAlarmRequest>,
     ) -> Result<Response<PbAlarmResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             if req.get_ref().action != ALARM_GET {
                 return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
             }
@@ -60,8 +60,7 @@ impl PbMaintenanceService for Broker {
             Ok(Response::new(resp))
         }
         .await;
-        self.metrics()
-            .observe("Maintenance", "Alarm", started, &res);
+        self.metrics().observe("Maintenance", "Alarm", &call, &res);
         res
     }
 
@@ -69,9 +68,9 @@ impl PbMaintenanceService for Broker {
         &self,
         req: Request<PbStatusRequest>,
     ) -> Result<Response<PbStatusResponse>, Status> {
-        let started = Instant::now();
+        let call = Call::start();
         let res = async {
-            let t = self.tenant(req.metadata()).await?;
+            let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Read, "Status")?;
             let md = req.metadata().clone();
             let used = self.usage_for_status(&t).await?;
@@ -108,8 +107,7 @@ impl PbMaintenanceService for Broker {
             }))
         }
         .await;
-        self.metrics()
-            .observe("Maintenance", "Status", started, &res);
+        self.metrics().observe("Maintenance", "Status", &call, &res);
         res
     }
 

@@ -1,9 +1,10 @@
 //! The broker's Prometheus metrics (`etcd_broker_*`).
 
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,9 +13,26 @@ use prometheus_client::registry::Registry;
 use tonic::{Code, Status};
 
 use crate::limits::States;
+use crate::tenant::Tenant;
+
+/// Tenant label of a call refused before its tenant was known (no valid token, or no
+/// rule admits the service account).
+pub const NO_TENANT: &str = "none";
+
+/// A label value shared without copying: tenant and backend names come from the config
+/// and label every call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(&self.0)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    pub tenant: Name,
     pub service: &'static str,
     pub method: &'static str,
     pub code: &'static str,
@@ -22,8 +40,45 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
+    pub tenant: Name,
     pub service: &'static str,
     pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub backend: Name,
+    pub method: &'static str,
+}
+
+/// One unary call being measured: when it started and, once the caller is known, its
+/// tenant.
+pub struct Call {
+    started: Instant,
+    tenant: OnceLock<Arc<Tenant>>,
+}
+
+impl Call {
+    pub fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            tenant: OnceLock::new(),
+        }
+    }
+
+    /// Notes whose call this is; passes the tenant through.
+    pub fn tenant(&self, t: Arc<Tenant>) -> Arc<Tenant> {
+        let _ = self.tenant.set(t.clone());
+        t
+    }
+
+    fn label(&self) -> Name {
+        Name(
+            self.tenant
+                .get()
+                .map_or_else(|| Arc::from(NO_TENANT), |t| t.label.clone()),
+        )
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +113,11 @@ pub struct BackendLabels {
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<MethodLabels, Histogram>,
+    /// Time etcd took to answer the broker's unary calls, by backend and method.
+    pub upstream_latency: Family<UpstreamLabels, Histogram>,
+    /// Connections from shims currently open; a shim holds one for its calls and one for
+    /// its readiness probe.
+    pub connections: Gauge,
     pub auth_failures: Counter,
     pub denials: Family<ReasonLabels, Counter>,
     pub foreign_keys_dropped: Counter,
@@ -90,9 +150,9 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             requests: Family::default(),
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0001, 2.5, 14))
-            }),
+            latency: Family::new_with_constructor(latency_histogram),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            connections: Gauge::default(),
             auth_failures: Counter::default(),
             denials: Family::default(),
             foreign_keys_dropped: Counter::default(),
@@ -109,16 +169,36 @@ impl Metrics {
             credential_reloads: Family::default(),
             credential_expiry: Family::default(),
         };
+        // Outcomes exist from the start, so rate() and alerts see zeros rather than
+        // missing series.
+        for family in [&m.config_reloads, &m.jwks_reloads, &m.tls_reloads] {
+            for outcome in ["success", "failure"] {
+                let _ = family.get_or_create(&OutcomeLabels { outcome });
+            }
+        }
+        for outcome in ["authenticated", "rejected", "error"] {
+            let _ = m.token_reviews.get_or_create(&OutcomeLabels { outcome });
+        }
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
             "requests",
-            "Unary etcd requests served, by service, method and gRPC code",
+            "Unary etcd requests served, by tenant (named by a config rule, unlisted, or none when refused before it was known), service, method and gRPC code",
             m.requests.clone(),
         );
         r.register(
             "request_duration_seconds",
-            "Time to serve a unary etcd request, etcd included",
+            "Time to serve a unary etcd request, etcd included, by tenant, service and method",
             m.latency.clone(),
+        );
+        r.register(
+            "upstream_request_duration_seconds",
+            "Time etcd took to answer a unary call of the broker, by backend and method (errors included)",
+            m.upstream_latency.clone(),
+        );
+        r.register(
+            "shim_connections_open",
+            "Connections from shims currently open (a shim holds two: one for calls, one for its readiness probe)",
+            m.connections.clone(),
         );
         r.register(
             "auth_failures",
@@ -263,24 +343,46 @@ impl Metrics {
         &self,
         service: &'static str,
         method: &'static str,
-        started: Instant,
+        call: &Call,
         res: &Result<T, Status>,
     ) {
         let code = match res {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
+        let elapsed = call.started.elapsed();
+        // The request log: who called what and how it ended, never keys or values.
+        tracing::debug!(
+            target: "etcd_shim_broker::request",
+            tenant = call.tenant.get().map_or("-", |t| t.name.as_str()),
+            service,
+            method,
+            code = code_name(code),
+            micros = elapsed.as_micros() as u64,
+            "request"
+        );
+        let tenant = call.label();
         self.requests
             .get_or_create(&RequestLabels {
+                tenant: tenant.clone(),
                 service,
                 method,
                 code: code_name(code),
             })
             .inc();
         self.latency
-            .get_or_create(&MethodLabels { service, method })
-            .observe(started.elapsed().as_secs_f64());
+            .get_or_create(&MethodLabels {
+                tenant,
+                service,
+                method,
+            })
+            .observe(elapsed.as_secs_f64());
     }
+}
+
+/// 100 µs to about 15 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.5, 14))
 }
 
 /// Files the broker reloads while it runs.
