@@ -30,7 +30,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-use crate::metrics::Metrics;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics::{Metrics, Name, UpstreamLabels};
 
 /// Metadata that a downstream call carries and etcd must see too: `hasleader` makes
 /// etcd refuse watches when it has no leader, `grpc-timeout` bounds the call.
@@ -49,6 +52,23 @@ pub struct Upstream {
     current: watch::Receiver<Arc<Pool>>,
     /// Stops the credential reloader when the last clone is dropped.
     _stop: Option<Arc<DropGuard>>,
+    /// Where the time etcd takes for each unary call is recorded.
+    timing: Option<Timing>,
+}
+
+/// The backend's name and the histograms its calls are timed in.
+#[derive(Clone)]
+struct Timing {
+    backend: Name,
+    latency: Family<UpstreamLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timing")
+            .field("backend", &self.backend)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +125,17 @@ impl Upstream {
         Ok(Self {
             current,
             _stop: None,
+            timing: None,
         })
+    }
+
+    /// Records the latency of each unary call as `backend`'s, if `connector` has metrics.
+    fn timed(mut self, backend: &str, connector: &Connector) -> Self {
+        self.timing = connector.metrics.as_ref().map(|m| Timing {
+            backend: Name(Arc::from(backend)),
+            latency: m.upstream_latency.clone(),
+        });
+        self
     }
 
     /// Connections for `backend`, over TLS when `tls` is given. The files are loaded and
@@ -122,7 +152,7 @@ impl Upstream {
             if let Some(e) = endpoints.iter().find(|e| e.starts_with("https://")) {
                 return Err(UpstreamError::HttpsWithoutCa(e.clone()));
             }
-            return Self::new(endpoints);
+            return Ok(Self::new(endpoints)?.timed(backend, connector));
         };
         if let Some(e) = endpoints.iter().find(|e| !e.starts_with("https://")) {
             return Err(UpstreamError::PlaintextWithTls(e.clone()));
@@ -157,7 +187,9 @@ impl Upstream {
         Ok(Self {
             current,
             _stop: Some(Arc::new(stop.drop_guard())),
-        })
+            timing: None,
+        }
+        .timed(backend, connector))
     }
 
     fn pool(&self) -> Arc<Pool> {
@@ -175,17 +207,30 @@ impl Upstream {
     {
         let (md, _, msg) = req.into_parts();
         let pool = self.pool();
-        pool.call(|channel| {
-            let req = Request::from_parts(md.clone(), Default::default(), msg.clone());
-            Some(async move {
-                let mut grpc = grpc(channel);
-                grpc.ready().await.map_err(not_sent)?;
-                grpc.unary(req, PathAndQuery::from_static(path), ProstCodec::default())
-                    .await
+        let started = Instant::now();
+        let res = pool
+            .call(|channel| {
+                let req = Request::from_parts(md.clone(), Default::default(), msg.clone());
+                Some(async move {
+                    let mut grpc = grpc(channel);
+                    grpc.ready().await.map_err(not_sent)?;
+                    grpc.unary(req, PathAndQuery::from_static(path), ProstCodec::default())
+                        .await
+                })
             })
-        })
-        .await
-        .map(|(_, resp)| resp)
+            .await
+            .map(|(_, resp)| resp);
+        if let Some(t) = &self.timing {
+            // The method is the path's last segment: "/etcdserverpb.KV/Range" -> "Range".
+            let method = path.rsplit('/').next().unwrap_or(path);
+            t.latency
+                .get_or_create(&UpstreamLabels {
+                    backend: t.backend.clone(),
+                    method,
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        res
     }
 
     pub async fn server_streaming<Req, Resp>(
