@@ -2,6 +2,8 @@
 //! etcd's message limits and keepalive tolerance, over plaintext h2c or over TLS with a
 //! certificate that is reloaded while serving.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::proto::{
@@ -9,6 +11,8 @@ use etcd_client::proto::{
     PbStatusResponse, PbWatchServer,
 };
 use etcd_shim_core::tls::TlsAcceptorSource;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -17,7 +21,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Connected, Router};
 
 use crate::Broker;
 use crate::lock::{AuthService, ElectionService, LockService};
@@ -64,9 +68,11 @@ pub async fn serve(
     }
     // The builder's tcp_nodelay applies only to listeners tonic binds itself. Without it,
     // Nagle holds a response's last frames until the shim's delayed ACK (40 ms) arrives.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|tcp| {
+    let open = broker.metrics().connections.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |conn| {
+        conn.map(|tcp| {
             let _ = tcp.set_nodelay(true);
+            Counted::new(tcp, &open)
         })
     });
     router(broker)
@@ -86,7 +92,9 @@ pub async fn serve_tls(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "broker listening (TLS)");
     }
-    let incoming = tls_incoming(listener, tls, shutdown.clone());
+    let open = broker.metrics().connections.clone();
+    let incoming = tls_incoming(listener, tls, shutdown.clone())
+        .map(move |conn| conn.map(|tls| Counted::new(tls, &open)));
     router(broker)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
@@ -132,6 +140,76 @@ fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A connection counted in a gauge while it is open.
+struct Counted<IO> {
+    io: IO,
+    open: Gauge,
+}
+
+impl<IO> Counted<IO> {
+    fn new(io: IO, open: &Gauge) -> Self {
+        open.inc();
+        Self {
+            io,
+            open: open.clone(),
+        }
+    }
+}
+
+impl<IO> Drop for Counted<IO> {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl<IO: Connected> Connected for Counted<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Every service the broker serves, with etcd's limits.
