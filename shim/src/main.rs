@@ -91,17 +91,18 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let (target, dialer) = broker_dialer(&args)?;
     let shutdown = Shutdown::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = etcd_shim::metrics::Metrics::new(&mut registry);
     let (token, _) = TokenSource::spawn(
         args.token_file.clone(),
         args.token_reload_interval,
+        Some(metrics.clone()),
         shutdown.token(),
     );
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let advertise = listener.local_addr()?;
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = etcd_shim::metrics::Metrics::new(&mut registry);
     let forwarder = Forwarder::new(target, dialer, token.clone(), advertise, metrics);
 
     let readiness = Readiness::new();

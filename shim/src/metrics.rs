@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -176,12 +176,19 @@ struct MethodLabels {
     method: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
     streams: Family<MethodLabels, Gauge>,
     pub connections: Gauge,
     pub broker_errors: Counter,
+    token_reloads: Family<OutcomeLabels, Counter>,
+    token_expiry: Gauge,
 }
 
 impl Metrics {
@@ -194,7 +201,12 @@ impl Metrics {
             streams: Family::default(),
             connections: Gauge::default(),
             broker_errors: Counter::default(),
+            token_reloads: Family::default(),
+            token_expiry: Gauge::default(),
         };
+        for outcome in ["success", "failure"] {
+            let _ = m.token_reloads.get_or_create(&OutcomeLabels { outcome });
+        }
         let r = registry.sub_registry_with_prefix("etcd_shim");
         r.register(
             "requests",
@@ -221,7 +233,33 @@ impl Metrics {
             "Calls that failed because the broker could not be reached",
             m.broker_errors.clone(),
         );
+        r.register(
+            "token_reloads",
+            "Changes of the token file after start-up, by outcome (failure: no usable token, calls go out without one)",
+            m.token_reloads.clone(),
+        );
+        r.register(
+            "token_expiry_timestamp_seconds",
+            "When the token in use expires (its exp claim, unix seconds); 0 without a token or exp",
+            m.token_expiry.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// Records a token read: `changed` after start-up counts as a reload, by outcome;
+    /// `expires` is the exp of the token now in use, if any.
+    pub fn token_read(&self, changed: bool, ok: bool, expires: Option<SystemTime>) {
+        if changed {
+            let outcome = if ok { "success" } else { "failure" };
+            self.token_reloads
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc();
+        }
+        let exp = expires
+            .filter(|_| ok)
+            .and_then(|e| e.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        self.token_expiry.set(exp);
     }
 
     /// Starts accounting for one call; the returned guard records it when it ends.
@@ -273,6 +311,15 @@ impl Drop for Call {
     fn drop(&mut self) {
         let code = self.code.map_or("Canceled", code_name);
         let method = self.method;
+        // The request log: what the app called and how it ended, never keys or values.
+        tracing::debug!(
+            target: "etcd_shim::request",
+            service = method.service,
+            method = method.method,
+            code,
+            micros = self.started.elapsed().as_micros() as u64,
+            "request"
+        );
         self.metrics
             .requests
             .get_or_create(&RequestLabels {

@@ -16,6 +16,8 @@ use etcd_shim_core::dirwatch::watch_dir;
 use http::HeaderValue;
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::Metrics;
+
 /// How long before the token's `exp` the shim re-reads the file anyway: the kubelet
 /// rotates at 80% of the lifetime, so a fresh token is normally there by then.
 const REFRESH_BEFORE_EXP: Duration = Duration::from_secs(60);
@@ -38,10 +40,12 @@ struct Loaded {
 
 impl TokenSource {
     /// Reads `path` now, then again whenever its directory changes, every `every`, and
-    /// shortly before the token expires, until `stop`.
+    /// shortly before the token expires, until `stop`. Reloads and the expiry of the
+    /// token in use go to `metrics`.
     pub fn spawn(
         path: PathBuf,
         every: Duration,
+        metrics: Option<Arc<Metrics>>,
         stop: tokio_util::sync::CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         // Watch before the first read, so a rotation between the two is not missed.
@@ -50,6 +54,12 @@ impl TokenSource {
         let first = read(&path);
         let (tx, rx) = watch::channel(first.header.clone());
         log_change(&path, None, &first.header);
+        let report = move |changed: bool, next: &Loaded| {
+            if let Some(m) = &metrics {
+                m.token_read(changed, next.header.is_ok(), next.expires);
+            }
+        };
+        report(false, &first);
         let task = tokio::spawn(async move {
             // `watcher` moves in here and lives as long as the loop: dropping it stops
             // the watch.
@@ -76,6 +86,7 @@ impl TokenSource {
                     if changed {
                         log_change(&path, Some(cur), &next.header);
                         *cur = next.header.clone();
+                        report(true, &next);
                     }
                     changed
                 });
@@ -180,13 +191,37 @@ mod tests {
         false
     }
 
+    fn jwt_with_exp(exp: u64) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(&format!(r#"{{"aud":["etcd-shim"],"exp":{exp}}}"#))
+        )
+    }
+
+    /// The value of `series` in the shim's metrics text, 0 if absent.
+    fn sample(registry: &prometheus_client::registry::Registry, series: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     #[tokio::test]
     async fn reads_and_follows_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         let stop = tokio_util::sync::CancellationToken::new();
-        let (src, _task) =
-            TokenSource::spawn(path.clone(), Duration::from_millis(10), stop.clone());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let (src, _task) = TokenSource::spawn(
+            path.clone(),
+            Duration::from_millis(10),
+            Some(metrics),
+            stop.clone(),
+        );
         assert!(
             src.current()
                 .unwrap_err()
@@ -196,6 +231,21 @@ mod tests {
         std::fs::write(&path, "abc\n").unwrap();
         assert!(wait_for(&src, "abc").await, "token picked up");
         assert!(src.current().unwrap().is_sensitive());
+        let reloads = |outcome: &str| {
+            sample(
+                &registry,
+                &format!("etcd_shim_token_reloads_total{{outcome=\"{outcome}\"}}"),
+            )
+        };
+        assert_eq!(reloads("success"), 1.0);
+        let expiry = || sample(&registry, "etcd_shim_token_expiry_timestamp_seconds");
+        assert_eq!(expiry(), 0.0, "no exp claim, no expiry");
+
+        let jwt = jwt_with_exp(2_000_000_000);
+        std::fs::write(&path, &jwt).unwrap();
+        assert!(wait_for(&src, &jwt).await, "rotated token picked up");
+        assert_eq!(reloads("success"), 2.0);
+        assert_eq!(expiry(), 2_000_000_000.0);
 
         // Removing the file makes the shim not ready again, with a reason; no crash.
         std::fs::remove_file(&path).unwrap();
@@ -208,6 +258,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(gone, "missing token reported");
+        assert_eq!(reloads("failure"), 1.0);
+        assert_eq!(expiry(), 0.0, "no token, no expiry");
         stop.cancel();
     }
 
@@ -236,6 +288,7 @@ mod tests {
         let (src, _task) = TokenSource::spawn(
             dir.path().join("token"),
             Duration::from_secs(3600),
+            None,
             stop.clone(),
         );
         assert!(wait_for(&src, "first").await);
