@@ -53,7 +53,7 @@ impl Metrics {
                 reason: reason.as_str(),
             });
         }
-        for outcome in ["ok", "error"] {
+        for outcome in ["success", "failure"] {
             let _ = m.tls_reloads.get_or_create(&OutcomeLabel { outcome });
         }
         registry.register(
@@ -101,7 +101,7 @@ impl Metrics {
     }
 
     pub fn record_tls_reload(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
+        let outcome = if ok { "success" } else { "failure" };
         self.tls_reloads
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
