@@ -338,6 +338,13 @@ impl Broker {
         Ok(broker)
     }
 
+    /// The config file of [`Broker::start_with_config`].
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_dir
+            .as_ref()
+            .map(|d| d.path().join("broker.yaml"))
+    }
+
     pub fn metrics(&self) -> Result<String> {
         let (code, body) = http_get(&format!("127.0.0.1:{}", self.admin_port), "/metrics")?;
         if code != 200 {
@@ -345,6 +352,15 @@ impl Broker {
         }
         Ok(body)
     }
+}
+
+/// Replaces `path` by a rename, as an editor or a ConfigMap update does: a reader sees
+/// the old content or the new, never half of it.
+pub fn replace_file(path: &Path, content: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Runs a command with a deadline, killing it if it overruns.
@@ -463,11 +479,17 @@ pub const PREFIX_B: &str = "/etcd-shim/tenants/team-b/app/";
 
 impl TwoTenants {
     pub fn start() -> Result<Self> {
+        Self::start_with_config(None)
+    }
+
+    /// Like [`TwoTenants::start`], with the broker loading `config` (YAML) if given.
+    pub fn start_with_config(config: Option<&str>) -> Result<Self> {
         let etcd = Etcd::start()?;
-        let broker = Broker::start(
-            &[&etcd.url],
-            &[("token-a", TENANT_A), ("token-b", TENANT_B)],
-        )?;
+        let tokens = [("token-a", TENANT_A), ("token-b", TENANT_B)];
+        let broker = match config {
+            Some(c) => Broker::start_with_config(&[&etcd.url], &tokens, c, &[])?,
+            None => Broker::start(&[&etcd.url], &tokens)?,
+        };
         let mut a = Pod::new()?;
         a.start_shim(broker.port, "token-a")?;
         let mut b = Pod::new()?;

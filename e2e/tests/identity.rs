@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Result, bail};
 use base64::Engine as _;
 use etcd_client::Client;
-use etcd_shim_e2e::{Broker, Etcd, Pod, sample, wait_for};
+use etcd_shim_e2e::{Broker, Etcd, Pod, replace_file, sample, wait_for};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
@@ -70,13 +70,6 @@ impl IssuerKey {
 }
 
 /// Replaces `path` atomically (write beside it, then rename), as operators are told to.
-fn replace_file(path: &Path, content: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 fn write_jwks(path: &Path, keys: &[&IssuerKey]) -> Result<()> {
     let doc = serde_json::json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()});
     replace_file(path, &doc.to_string())
