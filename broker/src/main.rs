@@ -370,7 +370,10 @@ async fn authenticator(
                         .with_context(|| format!("reading {}", path.display()))?;
                     let keys = Jwks::parse(&initial)
                         .with_context(|| format!("issuer keys {}", path.display()))?;
-                    let v = Arc::new(JwtVerifier::new(issuer, &args.token_audience, keys));
+                    let v = Arc::new(
+                        JwtVerifier::new(issuer, &args.token_audience, keys)
+                            .with_metrics(metrics.clone()),
+                    );
                     v.follow_file(
                         path.clone(),
                         args.reload_interval,
@@ -388,7 +391,10 @@ async fn authenticator(
                         .await
                         .map_err(anyhow::Error::msg)
                         .context("reading the issuer keys from /openid/v1/jwks")?;
-                    let v = Arc::new(JwtVerifier::new(issuer, &args.token_audience, keys));
+                    let v = Arc::new(
+                        JwtVerifier::new(issuer, &args.token_audience, keys)
+                            .with_metrics(metrics.clone()),
+                    );
                     v.follow_api_server(
                         client,
                         args.reload_interval,

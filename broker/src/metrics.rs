@@ -131,6 +131,8 @@ pub struct Metrics {
     pub token_reviews: Family<OutcomeLabels, Counter>,
     /// Authentications answered from the token cache.
     pub token_cache_hits: Counter,
+    /// Tokens verified against the issuer's keys, by outcome (`accepted`, `rejected`).
+    pub local_verifications: Family<OutcomeLabels, Counter>,
     /// Serving certificate reloads by outcome (`success`, `failure`).
     pub tls_reloads: Family<OutcomeLabels, Counter>,
     /// notAfter of the serving certificate in force, unix seconds; 0 without TLS.
@@ -162,6 +164,7 @@ impl Metrics {
             jwks_reloads: Family::default(),
             token_reviews: Family::default(),
             token_cache_hits: Counter::default(),
+            local_verifications: Family::default(),
             tls_reloads: Family::default(),
             tls_not_after: Gauge::default(),
             limit_rejections: Family::default(),
@@ -178,6 +181,11 @@ impl Metrics {
         }
         for outcome in ["authenticated", "rejected", "error"] {
             let _ = m.token_reviews.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["accepted", "rejected"] {
+            let _ = m
+                .local_verifications
+                .get_or_create(&OutcomeLabels { outcome });
         }
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
@@ -239,6 +247,11 @@ impl Metrics {
             "token_reviews",
             "TokenReviews sent to the API server, by outcome (error: the call was refused)",
             m.token_reviews.clone(),
+        );
+        r.register(
+            "local_token_verifications",
+            "Tokens verified locally against the service-account issuer's keys, by outcome",
+            m.local_verifications.clone(),
         );
         r.register(
             "token_cache_hits",
@@ -330,6 +343,13 @@ impl Metrics {
 
     pub fn token_review(&self, outcome: &'static str) {
         self.token_reviews
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn local_verification(&self, ok: bool) {
+        let outcome = if ok { "accepted" } else { "rejected" };
+        self.local_verifications
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }

@@ -245,6 +245,16 @@ fn token_rotated_by_symlink_swap_drops_no_call() -> Result<()> {
         !out.status.success() && err.contains("etcdserver: invalid auth token"),
         "the retired token must be refused: {err}"
     );
+    // Every call was verified locally, against the keys of its time.
+    let m = broker.metrics()?;
+    let verified = |outcome: &str| {
+        counter(
+            &m,
+            &format!("etcd_broker_local_token_verifications_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert!(verified("accepted") >= calls as f64, "{m}");
+    assert!(verified("rejected") >= 1.0, "{m}");
     Ok(())
 }
 
