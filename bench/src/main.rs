@@ -322,8 +322,8 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
             .await
             .context("injector admission latency")?;
         eprintln!(
-            "injector: {:.0} reviews/s  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {}",
-            r.achieved_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+            "injector: {:.0} reviews/s  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {}  sender lag max {:.3} ms",
+            r.achieved_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors, r.lag_max_ms
         );
         Some(r)
     } else {

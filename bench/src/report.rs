@@ -256,7 +256,9 @@ impl Report {
                  generateName and two containers, in a namespace opted in to injection) over \
                  HTTPS on {} keep-alive HTTP/2 connections, at a constant rate, open loop: \
                  each request is sent when due whether or not earlier ones were answered, and \
-                 its latency counts from that time until the whole answer arrived. An error \
+                 its latency counts from then (including any wait for an HTTP/2 stream) until \
+                 the whole answer arrived; the sender's own lag behind its schedule is shown \
+                 apart. An error \
                  is any answer that is not HTTP 200 with an allowed review carrying a \
                  JSONPatch, or none within 10 s. CPU is the injector's `utime + stime` over \
                  the run.\n",
@@ -264,12 +266,15 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| rate | achieved | reviews | p50 | p99 | max | errors | RSS idle | VmHWM | CPU |"
+                "| rate | achieved | reviews | p50 | p99 | max | errors | sender lag p99 / max | RSS idle | VmHWM | CPU |"
             );
-            let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let _ = writeln!(
                 s,
-                "| {}/s for {} s | {:.1}/s | {} | {:.3} ms | {:.3} ms | {:.3} ms | {} | {} | {} | {:.3} cores |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            let _ = writeln!(
+                s,
+                "| {}/s for {} s | {:.1}/s | {} | {:.3} ms | {:.3} ms | {:.3} ms | {} | {:.3} / {:.3} ms | {} | {} | {:.3} cores |",
                 r.rate,
                 r.duration_secs,
                 r.achieved_per_sec,
@@ -278,6 +283,8 @@ impl Report {
                 r.p99_ms,
                 r.max_ms,
                 r.errors,
+                r.lag_p99_ms,
+                r.lag_max_ms,
                 mib(r.rss_idle_kib),
                 mib(r.rss_hwm_kib),
                 r.cpu_cores
