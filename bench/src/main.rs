@@ -1,7 +1,8 @@
 //! etcd-shim-bench: measures etcd-shim against direct etcd and etcd's grpc-proxy on the
-//! same machine in one run, plus the sidecar's memory and the broker's cost per shim,
-//! and writes BENCHMARKS.md.
+//! same machine in one run, plus the sidecar's memory, the broker's cost per shim and the
+//! injector's admission latency, and writes BENCHMARKS.md.
 
+mod injector;
 mod load;
 mod report;
 mod scale;
@@ -19,6 +20,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use etcd_shim_core::parse_duration;
 
+use crate::injector::Injector;
 use crate::report::{Machine, MemoryRow, Report, Target, WorkloadResult};
 use crate::stack::{DIRECT, SHIM, Stack};
 use crate::stats::Sample;
@@ -64,6 +66,12 @@ struct Args {
     /// Measuring window of each scale row.
     #[arg(long, env = "ETCD_SHIM_BENCH_SCALE_WINDOW", default_value = "15s", value_parser = parse_duration)]
     scale_window: Duration,
+    /// Admission reviews per second sent to the injector (open loop); 0 skips it.
+    #[arg(long, env = "ETCD_SHIM_BENCH_INJECTOR_RATE", default_value_t = 200)]
+    injector_rate: u32,
+    /// How long the injector is sent reviews.
+    #[arg(long, env = "ETCD_SHIM_BENCH_INJECTOR_DURATION", default_value = "10s", value_parser = parse_duration)]
+    injector_duration: Duration,
     /// A smoke run: one short round of everything, a few watchers and shims, no wait.
     /// Overrides the sizes above.
     #[arg(long, env = "ETCD_SHIM_BENCH_QUICK")]
@@ -92,6 +100,7 @@ impl Args {
             self.scale = vec![10];
             self.scale_trickle = Duration::from_millis(500);
             self.scale_window = Duration::from_secs(1);
+            self.injector_duration = Duration::from_secs(1);
         }
         self
     }
@@ -303,6 +312,24 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
         scale.push(r);
     }
 
+    let injector = if args.injector_rate > 0 {
+        eprintln!(
+            "injector: {} reviews/s for {:?}...",
+            args.injector_rate, args.injector_duration
+        );
+        let mut inj = tokio::task::block_in_place(Injector::start)?;
+        let r = injector::run(&mut inj, args.injector_rate, args.injector_duration)
+            .await
+            .context("injector admission latency")?;
+        eprintln!(
+            "injector: {:.0} reviews/s  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {}  sender lag max {:.3} ms",
+            r.achieved_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors, r.lag_max_ms
+        );
+        Some(r)
+    } else {
+        None
+    };
+
     let shim_binary_bytes = std::fs::metadata(etcd_shim_e2e::bin("etcd-shim"))?.len();
     let targets = targets(&workload_results, &memory, &scale, &fanout);
     let settings = vec![
@@ -331,6 +358,19 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
             ),
         ),
         (
+            "injector".into(),
+            if args.injector_rate > 0 {
+                format!(
+                    "{} admission reviews/s for {:?} over {} HTTP/2 connections",
+                    args.injector_rate,
+                    args.injector_duration,
+                    injector::CONNECTIONS
+                )
+            } else {
+                "skipped".into()
+            },
+        ),
+        (
             "values".into(),
             "256 bytes; reads over 1,000 seeded keys".into(),
         ),
@@ -350,6 +390,7 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
         memory,
         shim_binary_bytes,
         scale,
+        injector,
         targets,
     })
 }

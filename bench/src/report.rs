@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::injector::InjectorResult;
 use crate::scale::ScaleResult;
 use crate::stack::{DIRECT, PROXY, SHIM};
 use crate::stats::Sample;
@@ -20,6 +21,8 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     pub shim_binary_bytes: u64,
     pub scale: Vec<ScaleResult>,
+    /// None when the run skipped it (`--injector-rate 0`).
+    pub injector: Option<InjectorResult>,
     pub targets: Vec<Target>,
 }
 
@@ -243,6 +246,51 @@ impl Report {
             );
         }
         let _ = writeln!(s);
+
+        if let Some(r) = &self.injector {
+            let _ = writeln!(s, "## Injector\n");
+            let _ = writeln!(
+                s,
+                "The `etcd-shim-injector` binary with a serving certificate made for the run, \
+                 sent AdmissionReview requests for pod CREATE (a Deployment's pod with \
+                 generateName and two containers, in a namespace opted in to injection) over \
+                 HTTPS on {} keep-alive HTTP/2 connections, at a constant rate, open loop: \
+                 each request is sent when due whether or not earlier ones were answered, and \
+                 its latency counts from then (including any wait for an HTTP/2 stream) until \
+                 the whole answer arrived; the sender's own lag behind its schedule is shown \
+                 apart. An error \
+                 is any answer that is not HTTP 200 with an allowed review carrying a \
+                 JSONPatch, or none within 10 s. CPU is the injector's `utime + stime` over \
+                 the run.\n",
+                r.connections
+            );
+            let _ = writeln!(
+                s,
+                "| rate | achieved | reviews | p50 | p99 | max | errors | sender lag p99 / max | RSS idle | VmHWM | CPU |"
+            );
+            let _ = writeln!(
+                s,
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            let _ = writeln!(
+                s,
+                "| {}/s for {} s | {:.1}/s | {} | {:.3} ms | {:.3} ms | {:.3} ms | {} | {:.3} / {:.3} ms | {} | {} | {:.3} cores |",
+                r.rate,
+                r.duration_secs,
+                r.achieved_per_sec,
+                r.sent,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.errors,
+                r.lag_p99_ms,
+                r.lag_max_ms,
+                mib(r.rss_idle_kib),
+                mib(r.rss_hwm_kib),
+                r.cpu_cores
+            );
+            let _ = writeln!(s);
+        }
 
         let _ = writeln!(s, "## Settings\n");
         for (k, v) in &self.settings {

@@ -1,5 +1,6 @@
-//! The benchmark's smoke mode against real etcd, grpc-proxy, broker and shim: it must
-//! produce a complete report, with every workload measured on all three endpoints.
+//! The benchmark's smoke mode against real etcd, grpc-proxy, broker, shim and injector: it
+//! must produce a complete report, with every workload measured on all three endpoints and
+//! the injector's admission latency.
 
 use std::process::Command;
 use std::time::Duration;
@@ -69,8 +70,35 @@ fn quick_run_reports_all_three_endpoints() -> Result<()> {
         "{scale:#?}"
     );
 
+    // --quick sends 200 reviews/s for 1 s; every one must have been answered with a patch.
+    let inj = &report["injector"];
+    assert_eq!(inj["rate"].as_u64(), Some(200), "{inj}");
+    assert_eq!(inj["sent"].as_u64(), Some(200), "{inj}");
+    assert_eq!(inj["errors"].as_u64(), Some(0), "{inj}");
+    let (achieved, p50, p99, max) = (
+        inj["achieved_per_sec"].as_f64().unwrap_or(0.0),
+        inj["p50_ms"].as_f64().unwrap_or(0.0),
+        inj["p99_ms"].as_f64().unwrap_or(0.0),
+        inj["max_ms"].as_f64().unwrap_or(0.0),
+    );
+    assert!(
+        achieved > 0.0 && p50 > 0.0 && p99 >= p50 && max >= p99,
+        "{inj}"
+    );
+    let idle = inj["rss_idle_kib"].as_u64().unwrap_or(0);
+    assert!(
+        idle > 0 && inj["rss_hwm_kib"].as_u64().unwrap_or(0) >= idle,
+        "{inj}"
+    );
+
     let text = std::fs::read_to_string(&md)?;
-    for heading in ["## Targets", "## Workloads", "## Memory", "## Broker scale"] {
+    for heading in [
+        "## Targets",
+        "## Workloads",
+        "## Memory",
+        "## Broker scale",
+        "## Injector",
+    ] {
         assert!(text.contains(heading), "{heading} missing:\n{text}");
     }
     for w in workloads {
@@ -80,6 +108,8 @@ fn quick_run_reports_all_three_endpoints() -> Result<()> {
     for e in ENDPOINTS {
         assert!(text.contains(&format!("| {e} |")), "{e} missing");
     }
+    let row = format!("| 200/s for 1 s | {achieved:.1}/s | 200 | {p50:.3} ms | {p99:.3} ms |");
+    assert!(text.contains(&row), "injector row {row:?} missing:\n{text}");
     assert!(text.contains("--quick"), "the exact command is missing");
     let svg = std::fs::read_to_string(md.with_extension("svg"))?;
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
