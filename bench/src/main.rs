@@ -52,7 +52,7 @@ struct Args {
     /// Wait after the workloads before reading memory "after".
     #[arg(long, env = "ETCD_SHIM_BENCH_AFTER", default_value = "60s", value_parser = parse_duration)]
     after: Duration,
-    /// Shim counts for the broker scale test, comma-separated; empty skips it.
+    /// Shim counts for the broker scale test, comma-separated; 0 skips it.
     #[arg(
         long,
         env = "ETCD_SHIM_BENCH_SCALE",
@@ -300,7 +300,7 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
     }
 
     let mut scale = Vec::new();
-    for &n in &args.scale {
+    for &n in args.scale.iter().filter(|&&n| n > 0) {
         eprintln!("broker scale: {n} shims...");
         let r = scale::run(&stack.etcd.url, n, args.scale_trickle, args.scale_window)
             .await

@@ -141,7 +141,9 @@ impl Report {
              The load generator, etcd, the proxy, the broker and the shim all share these \
              {} cores, so absolute figures are low and every extra hop costs CPU that etcd \
              would otherwise use; compare ratios, and expect more headroom where the shim \
-             runs in its own pod.\n",
+             runs in its own pod. etcd keeps its data on tmpfs (`/dev/shm`), so it never \
+             waits for a disk: every workload is CPU-bound, and whatever a hop costs comes \
+             straight out of etcd's throughput.\n",
             self.command, self.date, m.nproc, m.cpu, m.memory, m.kernel, m.etcd, m.nproc
         );
         if !notes.is_empty() {

@@ -71,7 +71,10 @@ struct Args {
     log_level: String,
 }
 
-#[tokio::main]
+// One thread: a sidecar forwarding bytes for one app needs less than a core, and every
+// extra worker thread costs the pod memory (its stack and its own malloc arena) and
+// competes with the app for the pod's CPU. File reads still go to tokio's blocking pool.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Err(e) = logging::init(args.log_format, &args.log_level) {
