@@ -6,10 +6,22 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-/// Watches the directory holding `path` and wakes `changed` on any event there (a re-read
-/// is cheap, so events are not sorted out). `None`, with a log line, if that is impossible
-/// for now: callers keep a periodic re-read and try again later (the directory may be
-/// mounted after start).
+/// Whether `event` may mean a file changed. Opening, reading and closing a file without
+/// writing it produce events too, and the watcher's owner causes those itself with every
+/// re-read: reacting to them would re-read in a loop.
+pub fn is_change(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match event.kind {
+        EventKind::Access(kind) => kind == AccessKind::Close(AccessMode::Write),
+        _ => true,
+    }
+}
+
+/// Watches the directory holding `path` and wakes `changed` on every change there (any
+/// change: a re-read is cheap, so which file changed is not sorted out). `None`, with a
+/// log line, if that is impossible for now: callers keep a periodic re-read and try again
+/// later (the directory may be mounted after start).
 pub fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let dir = match path.parent() {
@@ -18,7 +30,7 @@ pub fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::Recommend
     };
     let notify = changed.clone();
     let handler = move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.is_ok_and(|e| is_change(&e)) {
             notify.notify_one();
         }
     };
@@ -35,5 +47,36 @@ pub fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::Recommend
             tracing::debug!(dir = %dir.display(), error = %e, "directory not watchable yet");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_do_not_wake_and_writes_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "one").unwrap();
+        let changed = Arc::new(Notify::new());
+        let _watcher = watch_dir(&path, &changed).expect("a temporary directory is watchable");
+
+        // What a reloader does on every wake-up: read the file (open, read, close).
+        for _ in 0..20 {
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "one");
+        }
+        let woke = tokio::time::timeout(Duration::from_millis(500), changed.notified()).await;
+        assert!(woke.is_err(), "reading the file must not count as a change");
+
+        // A swap by rename, as Kubernetes volumes and editors do.
+        let tmp = dir.path().join("token.tmp");
+        std::fs::write(&tmp, "two").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), changed.notified())
+            .await
+            .expect("a replaced file wakes the watcher");
     }
 }

@@ -814,20 +814,13 @@ impl<F: Files> Reloader<F> {
 /// they resolve to). Returns `None` when watching is impossible; the periodic re-check
 /// still picks up changes then.
 fn watch_dirs(files: &impl Files, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::event::{AccessKind, AccessMode};
-    use notify::{EventKind, RecursiveMode, Watcher};
+    use notify::{RecursiveMode, Watcher};
 
     let handler = move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
-        // Our own reads produce open/close events in the same directory; reacting to them
-        // would re-read forever.
-        if let EventKind::Access(kind) = event.kind
-            && kind != AccessKind::Close(AccessMode::Write)
-        {
-            return;
+        if res.is_ok_and(|e| crate::dirwatch::is_change(&e)) {
+            // A full channel already holds a pending wake-up, which is all that matters.
+            let _ = events.try_send(());
         }
-        // A full channel already holds a pending wake-up, which is all that matters.
-        let _ = events.try_send(());
     };
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,
