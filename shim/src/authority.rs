@@ -47,8 +47,11 @@ pub struct Rewriter {
     block: Option<Block>,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
-    /// Set once decoding failed: the connection is broken anyway, bytes flow unchanged.
+    /// Once set, bytes flow unchanged: the connection's first header block needed no
+    /// fix, or decoding failed (the connection is broken anyway).
     broken: bool,
+    /// Whether a header block was seen: the first one decides for the connection.
+    decided: bool,
 }
 
 impl Default for Rewriter {
@@ -60,6 +63,7 @@ impl Default for Rewriter {
             decoder: loona_hpack::Decoder::new(),
             encoder: loona_hpack::Encoder::new(),
             broken: false,
+            decided: false,
         }
     }
 }
@@ -176,6 +180,18 @@ impl Rewriter {
                 return;
             }
         };
+        // A client names one authority for all calls of a connection (grpc-go does), so
+        // when the first block's is fine, the rest of the connection passes unchanged and
+        // costs no decoding; the block goes out as it came, which keeps the server's
+        // HPACK table in step with the client's.
+        if !self.decided {
+            self.decided = true;
+            if !headers.iter().any(|(n, v)| is_malformed_authority(n, v)) {
+                output.put(b.raw);
+                self.broken = true;
+                return;
+            }
+        }
         let headers = fix_authority(headers);
         let block = self
             .encoder
@@ -218,13 +234,15 @@ fn write_frame(out: &mut BytesMut, kind: u8, flags: u8, stream_id: u32, payload:
     out.put_slice(payload);
 }
 
+fn is_malformed_authority(name: &[u8], value: &[u8]) -> bool {
+    name == b":authority" && http::uri::Authority::try_from(value).is_err()
+}
+
 /// Keeps a valid authority; turns `scheme://host:port/...` into `host:port`; drops
 /// anything else (a request may omit the authority).
 fn fix_authority(mut headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
     headers.retain_mut(|(name, value)| {
-        if name.as_slice() != b":authority"
-            || http::uri::Authority::try_from(value.as_slice()).is_ok()
-        {
+        if !is_malformed_authority(name, value) {
             return true;
         }
         let rest = match value.windows(3).position(|w| w == b"://") {
@@ -424,6 +442,44 @@ mod tests {
         let h2 = dec.decode(&fs[2].3).unwrap();
         assert!(h2.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
         assert_eq!(fs[2].1, FLAG_END_HEADERS | FLAG_END_STREAM);
+    }
+
+    #[test]
+    fn a_connection_with_a_good_authority_passes_unchanged() {
+        // Blocks spelled as no encoder of the shim would: literals never indexed, no
+        // Huffman coding. Re-encoding them would change their bytes.
+        let literal = |name_index: u8, value: &[u8]| {
+            let mut v = vec![0x10 | name_index, value.len() as u8];
+            v.extend_from_slice(value);
+            v
+        };
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+        block.extend(literal(4, b"/etcdserverpb.KV/Range"));
+        block.extend(literal(1, b"127.0.0.1:2379"));
+        let mut input = BytesMut::from(PREFACE);
+        for stream in [1u8, 3] {
+            write_frame(
+                &mut input,
+                TYPE_HEADERS,
+                FLAG_END_HEADERS,
+                stream.into(),
+                &block,
+            );
+            input.extend_from_slice(&[0, 0, 5, 0, FLAG_END_STREAM, 0, 0, 0, stream, 0, 0, 0, 0, 0]);
+        }
+        // A later malformed authority is not looked at: the first block decided.
+        let mut enc = loona_hpack::Encoder::new();
+        input.extend(headers_frame(
+            &mut enc,
+            5,
+            b"http://127.0.0.1:2379",
+            FLAG_END_STREAM,
+        ));
+        assert_eq!(
+            run(&input),
+            input.to_vec(),
+            "byte for byte: nothing decoded and encoded again"
+        );
     }
 
     #[test]
