@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use etcd_shim_e2e::tls::TestCa;
-use etcd_shim_e2e::{Proc, bin, free_port, http_get, wait_for};
+use etcd_shim_e2e::{Proc, bin, free_port};
 
 use crate::stack::QUIET;
 use crate::stats::percentile;
@@ -99,16 +99,7 @@ impl Injector {
             .arg(&key_path)
             .args(QUIET);
         let mut proc = Proc::spawn("injector", cmd, dir.path())?;
-        let ready = wait_for("injector to be ready", Duration::from_secs(20), || {
-            if !proc.is_running() {
-                return Some(false);
-            }
-            http_get(&format!("127.0.0.1:{admin}"), "/ready")
-                .ok()
-                .filter(|(code, _)| *code == 200)
-                .map(|_| true)
-        })?;
-        if !ready {
+        if !proc.wait_ready("injector", admin)? {
             bail!("injector exited: {}", proc.log());
         }
 

@@ -128,16 +128,7 @@ fn start_shim(broker_port: u16, dir: &Path) -> Result<(Proc, String)> {
         .arg(&token_file)
         .args(QUIET);
     let mut proc = Proc::spawn("shim", cmd, dir)?;
-    let ready = wait_for("shim to be ready", Duration::from_secs(20), || {
-        if !proc.is_running() {
-            return Some(false);
-        }
-        http_get(&format!("127.0.0.1:{admin}"), "/ready")
-            .ok()
-            .filter(|(code, _)| *code == 200)
-            .map(|_| true)
-    })?;
-    if !ready {
+    if !proc.wait_ready("shim", admin)? {
         bail!("shim exited: {}", proc.log());
     }
     Ok((proc, format!("http://127.0.0.1:{port}")))

@@ -93,6 +93,24 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits up to 20 s for `/ready` on the admin port to answer 200: `Ok(true)` then,
+    /// `Ok(false)` if the process exited first.
+    pub fn wait_ready(&mut self, what: &str, admin_port: u16) -> Result<bool> {
+        wait_for(
+            &format!("{what} to be ready"),
+            Duration::from_secs(20),
+            || {
+                if !self.is_running() {
+                    return Some(false);
+                }
+                http_get(&format!("127.0.0.1:{admin_port}"), "/ready")
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| true)
+            },
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -293,16 +311,7 @@ impl Broker {
                 .args(extra)
                 .env("RUST_LOG", "info,etcd_shim_broker=debug");
             let mut proc = Proc::spawn("broker", cmd, dir.path())?;
-            let ready = wait_for("broker to be ready", Duration::from_secs(20), || {
-                if !proc.is_running() {
-                    return Some(false);
-                }
-                http_get(&format!("127.0.0.1:{admin_port}"), "/ready")
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| true)
-            });
-            match ready {
+            match proc.wait_ready("broker", admin_port) {
                 Ok(true) => {
                     return Ok(Self {
                         port,
