@@ -423,17 +423,57 @@ impl ReloadStats {
     }
 }
 
-/// Hands out acceptors built from the latest good material. Cheap to clone; servers keep
-/// one and call [`TlsAcceptorSource::acceptor`] per connection.
-#[derive(Clone, Debug)]
-pub struct TlsAcceptorSource {
+/// The latest good material of one kind, kept current by a reloader. Cheap to clone.
+#[derive(Debug)]
+pub struct Source<M> {
     /// Always holds validated material; only the reloader sends.
-    current: watch::Receiver<Arc<ServerTls>>,
+    current: watch::Receiver<Arc<M>>,
     /// Shared with the reloader, which updates it.
     stats: Arc<ReloadStats>,
 }
 
-impl TlsAcceptorSource {
+impl<M> Clone for Source<M> {
+    fn clone(&self) -> Self {
+        Self {
+            current: self.current.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+impl<M> Source<M> {
+    /// Loads `files` now (failing if they are not usable) and keeps them current in a
+    /// background task until `stop` is cancelled or every clone of the source is dropped.
+    /// Must be called within a Tokio runtime.
+    fn start_with<F: Files<Material = M>>(
+        files: F,
+        options: ReloadOptions,
+        stop: CancellationToken,
+    ) -> Result<Self> {
+        let (current, stats) = start_reloader(files, options, stop)?;
+        Ok(Self { current, stats })
+    }
+
+    /// The material in force.
+    pub fn current(&self) -> Arc<M> {
+        self.current.borrow().clone()
+    }
+
+    pub fn stats(&self) -> &Arc<ReloadStats> {
+        &self.stats
+    }
+
+    /// A receiver that wakes up whenever new material is put in force.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<M>> {
+        self.current.clone()
+    }
+}
+
+/// Hands out acceptors built from the latest good material; servers keep one and call
+/// [`TlsAcceptorSource::acceptor`] per connection.
+pub type TlsAcceptorSource = Source<ServerTls>;
+
+impl Source<ServerTls> {
     /// Material that never changes (tests, one-off tools).
     pub fn fixed(tls: ServerTls) -> Self {
         let stats = ReloadStats::default();
@@ -447,35 +487,18 @@ impl TlsAcceptorSource {
         }
     }
 
-    /// Loads the files now (failing if they are not usable) and keeps them current in a
-    /// background task until `stop` is cancelled or every clone of the source is dropped.
-    /// Must be called within a Tokio runtime.
+    /// See [`Source::start_with`].
     pub fn start(
         files: ServerTlsFiles,
         options: ReloadOptions,
         stop: CancellationToken,
     ) -> Result<Self> {
-        let (current, stats) = start_reloader(files, options, stop)?;
-        Ok(Self { current, stats })
-    }
-
-    /// The material in force.
-    pub fn current(&self) -> Arc<ServerTls> {
-        self.current.borrow().clone()
+        Self::start_with(files, options, stop)
     }
 
     /// An acceptor for one new connection, using the latest good configuration.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current().config.clone())
-    }
-
-    pub fn stats(&self) -> &Arc<ReloadStats> {
-        &self.stats
-    }
-
-    /// A receiver that wakes up whenever new material is put in force.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ServerTls>> {
-        self.current.clone()
     }
 }
 
@@ -621,42 +644,18 @@ fn build_client(files: &ClientTlsFiles, raw: &RawFiles, now: i64) -> Result<Clie
     })
 }
 
-/// Hands out the latest good client material. Cheap to clone; a client builds its
-/// connections from [`ClientTlsSource::current`] and rebuilds them when
-/// [`ClientTlsSource::subscribe`] reports new material.
-#[derive(Clone, Debug)]
-pub struct ClientTlsSource {
-    /// Always holds validated material; only the reloader sends.
-    current: watch::Receiver<Arc<ClientTls>>,
-    /// Shared with the reloader, which updates it.
-    stats: Arc<ReloadStats>,
-}
+/// Hands out the latest good client material; a client builds its connections from
+/// [`Source::current`] and rebuilds them when [`Source::subscribe`] reports new material.
+pub type ClientTlsSource = Source<ClientTls>;
 
-impl ClientTlsSource {
-    /// Loads the files now (failing if they are not usable) and keeps them current in a
-    /// background task until `stop` is cancelled or every clone of the source is dropped.
-    /// Must be called within a Tokio runtime.
+impl Source<ClientTls> {
+    /// See [`Source::start_with`].
     pub fn start(
         files: ClientTlsFiles,
         options: ReloadOptions,
         stop: CancellationToken,
     ) -> Result<Self> {
-        let (current, stats) = start_reloader(files, options, stop)?;
-        Ok(Self { current, stats })
-    }
-
-    /// The material in force.
-    pub fn current(&self) -> Arc<ClientTls> {
-        self.current.borrow().clone()
-    }
-
-    pub fn stats(&self) -> &Arc<ReloadStats> {
-        &self.stats
-    }
-
-    /// A receiver that wakes up whenever new material is put in force.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ClientTls>> {
-        self.current.clone()
+        Self::start_with(files, options, stop)
     }
 }
 
