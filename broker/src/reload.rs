@@ -6,11 +6,9 @@
 //! report, and the content is compared so that nothing is reloaded when nothing changed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_shim_core::dirwatch::watch_dir;
-use tokio::sync::Notify;
+use etcd_shim_core::dirwatch::DirWatch;
 use tokio_util::sync::CancellationToken;
 
 /// Calls `on_change` with the file's new content (or why it cannot be read) each time it
@@ -26,9 +24,8 @@ pub fn spawn<F>(
 where
     F: FnMut(Result<Vec<u8>, std::io::Error>) + Send + 'static,
 {
-    let changed = Arc::new(Notify::new());
     // Watch before the first comparison, so that a swap between the two is not missed.
-    let mut watcher = watch_dir(&path, &changed);
+    let mut watch = DirWatch::new(&path);
     tokio::spawn(async move {
         // What was last reported: the content, or the text of the read error (reported
         // once, not on every tick while the file stays missing).
@@ -48,15 +45,11 @@ where
                 on_change(next);
             }
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = changed.notified() => {
+                changed = watch.wait(every) => if changed {
                     // A swap comes as a burst of events; let it finish before reading.
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                },
                 _ = stop.cancelled() => return,
-            }
-            if watcher.is_none() {
-                watcher = watch_dir(&path, &changed);
             }
         }
     })
@@ -65,7 +58,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[tokio::test]
     async fn reports_changes_only() {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -22,7 +23,7 @@ pub fn is_change(event: &notify::Event) -> bool {
 /// change: a re-read is cheap, so which file changed is not sorted out). `None`, with a
 /// log line, if that is impossible for now: callers keep a periodic re-read and try again
 /// later (the directory may be mounted after start).
-pub fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -50,10 +51,43 @@ pub fn watch_dir(path: &Path, changed: &Arc<Notify>) -> Option<notify::Recommend
     }
 }
 
+/// A watch on a file's directory that re-arms itself: the directory may not exist yet
+/// when the watch starts (a volume mounted late), so every wait tries again.
+pub struct DirWatch {
+    path: PathBuf,
+    changed: Arc<Notify>,
+    /// Kept alive while watching: dropping it stops the watch.
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl DirWatch {
+    /// Starts watching the directory of `path`, if it can be watched now.
+    pub fn new(path: &Path) -> Self {
+        let changed = Arc::new(Notify::new());
+        let watcher = watch_dir(path, &changed);
+        Self {
+            path: path.to_owned(),
+            changed,
+            watcher,
+        }
+    }
+
+    /// Waits for a change in the directory or for `timeout`, whichever comes first;
+    /// true on a change.
+    pub async fn wait(&mut self, timeout: Duration) -> bool {
+        let changed = tokio::select! {
+            _ = tokio::time::sleep(timeout) => false,
+            _ = self.changed.notified() => true,
+        };
+        if self.watcher.is_none() {
+            self.watcher = watch_dir(&self.path, &self.changed);
+        }
+        changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[tokio::test]

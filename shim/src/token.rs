@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use etcd_shim_core::dirwatch::watch_dir;
+use etcd_shim_core::dirwatch::DirWatch;
 use http::HeaderValue;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
@@ -49,8 +49,7 @@ impl TokenSource {
         stop: tokio_util::sync::CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         // Watch before the first read, so a rotation between the two is not missed.
-        let changed = Arc::new(Notify::new());
-        let mut watcher = watch_dir(&path, &changed);
+        let mut watch = DirWatch::new(&path);
         let first = read(&path);
         let (tx, rx) = watch::channel(first.header.clone());
         log_change(&path, None, &first.header);
@@ -61,19 +60,13 @@ impl TokenSource {
         };
         report(false, &first);
         let task = tokio::spawn(async move {
-            // `watcher` moves in here and lives as long as the loop: dropping it stops
-            // the watch.
+            // `watch` moves in here and lives as long as the loop.
             let mut expires = first.expires;
             loop {
                 let wait = next_wait(every, expires, SystemTime::now());
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = changed.notified() => {}
+                    _ = watch.wait(wait) => {}
                     _ = stop.cancelled() => return,
-                }
-                if watcher.is_none() {
-                    // The directory may appear after the shim starts (volume mounted late).
-                    watcher = watch_dir(&path, &changed);
                 }
                 let next = read(&path);
                 expires = next.expires;
