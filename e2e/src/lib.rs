@@ -170,6 +170,32 @@ fn data_dir() -> Result<tempfile::TempDir> {
     Ok(tempfile::tempdir()?)
 }
 
+/// The flags of one etcd member serving `url` to clients and `peer_url` to `cluster`.
+fn member_args(name: &str, data: &str, url: &str, peer_url: &str, cluster: &str) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        data,
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        cluster,
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A single-member etcd on loopback with its data in a temporary directory.
 pub struct Etcd {
     pub url: String,
@@ -194,29 +220,7 @@ impl Etcd {
             let peer_url = format!("http://127.0.0.1:{peer}");
             let data = dir.path().join("data").display().to_string();
             let cluster = format!("e2e={peer_url}");
-            let mut args: Vec<String> = [
-                "--name",
-                "e2e",
-                "--data-dir",
-                &data,
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &cluster,
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut args = member_args("e2e", &data, &url, &peer_url, &cluster);
             args.extend(extra.iter().map(|s| s.to_string()));
             let mut cmd = Command::new("etcd");
             cmd.args(&args);
@@ -570,33 +574,16 @@ impl EtcdCluster {
             let peer_url = format!("http://127.0.0.1:{peer}");
             let metrics_addr = format!("127.0.0.1:{metrics}");
             let data = dir.path().join(&name).display().to_string();
-            let mut args: Vec<String> = [
-                "--name",
-                &name,
-                "--data-dir",
-                &data,
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &initial_cluster,
-                "--initial-cluster-token",
-                "e2e",
-                "--listen-metrics-urls",
-                &format!("http://{metrics_addr}"),
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut args = member_args(&name, &data, &url, &peer_url, &initial_cluster);
+            args.extend(
+                [
+                    "--initial-cluster-token",
+                    "e2e",
+                    "--listen-metrics-urls",
+                    &format!("http://{metrics_addr}"),
+                ]
+                .map(String::from),
+            );
             if let Some(t) = &tls {
                 args.push("--client-cert-auth".into());
                 for (flag, path) in [

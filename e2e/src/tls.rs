@@ -42,45 +42,63 @@ impl TestCa {
     }
 }
 
-/// `tls.crt` and `tls.key` behind a `..data` symlink, like a mounted Secret.
+/// Files behind a `..data` symlink, like a mounted Secret: versioned directories, a
+/// `..data` symlink to the current one, and one symlink per file through `..data`.
 pub struct SecretDir {
     pub root: tempfile::TempDir,
     version: u32,
 }
 
 impl SecretDir {
+    /// `tls.crt` and `tls.key`.
     pub fn new(cert: &str, key: &str) -> Result<Self> {
+        Self::with_files(&[("tls.crt", cert), ("tls.key", key)])
+    }
+
+    /// The files given as `(name, content)`.
+    pub fn with_files(files: &[(&str, &str)]) -> Result<Self> {
         let mut dir = Self {
             root: tempfile::tempdir()?,
             version: 0,
         };
-        dir.publish(cert, key)?;
-        for name in ["tls.crt", "tls.key"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), dir.root.path().join(name))?;
+        dir.publish_files(files)?;
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.path(name))?;
         }
         Ok(dir)
     }
 
-    /// Writes a new version and swaps `..data` to it with one rename.
+    /// Writes a new `tls.crt` and `tls.key`, see [`SecretDir::publish_files`].
     pub fn publish(&mut self, cert: &str, key: &str) -> Result<()> {
+        self.publish_files(&[("tls.crt", cert), ("tls.key", key)])
+    }
+
+    /// Writes a new version and swaps `..data` to it with one rename, as the kubelet does.
+    pub fn publish_files(&mut self, files: &[(&str, &str)]) -> Result<()> {
         self.version += 1;
         let name = format!("..v{}", self.version);
         let dir = self.root.path().join(&name);
         std::fs::create_dir(&dir)?;
-        std::fs::write(dir.join("tls.crt"), cert)?;
-        std::fs::write(dir.join("tls.key"), key)?;
+        for (file, content) in files {
+            std::fs::write(dir.join(file), content)?;
+        }
         let tmp = self.root.path().join("..data_tmp");
         std::os::unix::fs::symlink(&name, &tmp)?;
         std::fs::rename(&tmp, self.root.path().join("..data"))?;
         Ok(())
     }
 
+    /// Where file `name` is read, through `..data`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
     pub fn cert(&self) -> PathBuf {
-        self.root.path().join("tls.crt")
+        self.path("tls.crt")
     }
 
     pub fn key(&self) -> PathBuf {
-        self.root.path().join("tls.key")
+        self.path("tls.key")
     }
 
     /// Broker flags that serve this directory's certificate.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use etcd_client::{Client, WatchOptions};
 use etcd_shim_e2e::pod::in_netns;
+use etcd_shim_e2e::tls::SecretDir;
 use etcd_shim_e2e::{Broker, EtcdCluster, EtcdTls, Pod, promtool_check, sample, wait_for};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -91,44 +92,26 @@ impl Ca {
     }
 }
 
-/// A directory laid out like a mounted Kubernetes Secret: versioned directories, a
-/// `..data` symlink to the current one, and `ca.crt`, `tls.crt`, `tls.key` symlinks
-/// through `..data`.
-struct SecretVolume {
-    root: tempfile::TempDir,
-    version: u32,
-}
+/// The broker's etcd client credentials, laid out like a mounted Kubernetes Secret.
+struct SecretVolume(SecretDir);
 
 impl SecretVolume {
     fn new(ca: &str, cert: &str, key: &str) -> Result<Self> {
-        let mut v = Self {
-            root: tempfile::tempdir()?,
-            version: 0,
-        };
-        v.publish(ca, cert, key)?;
-        for name in ["ca.crt", "tls.crt", "tls.key"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), v.root.path().join(name))?;
-        }
-        Ok(v)
+        Ok(Self(SecretDir::with_files(&[
+            ("ca.crt", ca),
+            ("tls.crt", cert),
+            ("tls.key", key),
+        ])?))
     }
 
     /// Writes a new version and swaps `..data` with one rename, as the kubelet does.
     fn publish(&mut self, ca: &str, cert: &str, key: &str) -> Result<()> {
-        self.version += 1;
-        let name = format!("..2026_01_01_00_00_{:02}.{}", self.version, self.version);
-        let dir = self.root.path().join(&name);
-        std::fs::create_dir(&dir)?;
-        std::fs::write(dir.join("ca.crt"), ca)?;
-        std::fs::write(dir.join("tls.crt"), cert)?;
-        std::fs::write(dir.join("tls.key"), key)?;
-        let tmp = self.root.path().join("..data_tmp");
-        std::os::unix::fs::symlink(&name, &tmp)?;
-        std::fs::rename(&tmp, self.root.path().join("..data"))?;
-        Ok(())
+        self.0
+            .publish_files(&[("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)])
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
+        self.0.path(name)
     }
 
     /// Broker flags that point at this volume.

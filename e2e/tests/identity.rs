@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Result, bail};
 use base64::Engine as _;
 use etcd_client::Client;
+use etcd_shim_e2e::tls::SecretDir;
 use etcd_shim_e2e::{Broker, Etcd, Pod, replace_file, sample, wait_for};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
@@ -73,21 +74,6 @@ impl IssuerKey {
 fn write_jwks(path: &Path, keys: &[&IssuerKey]) -> Result<()> {
     let doc = serde_json::json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()});
     replace_file(path, &doc.to_string())
-}
-
-/// Publishes `token` in `dir` the way the kubelet does: a new timestamped directory,
-/// then an atomic swap of the `..data` symlink; `dir/token` points at `..data/token`.
-fn publish_token(dir: &Path, generation: u32, token: &str) -> Result<()> {
-    let data = format!("..2026_11_30_00_00_0{generation}");
-    std::fs::create_dir(dir.join(&data))?;
-    std::fs::write(dir.join(&data).join("token"), token)?;
-    let tmp = dir.join("..data_tmp");
-    std::os::unix::fs::symlink(&data, &tmp)?;
-    std::fs::rename(&tmp, dir.join("..data"))?;
-    if std::fs::symlink_metadata(dir.join("token")).is_err() {
-        std::os::unix::fs::symlink("..data/token", dir.join("token"))?;
-    }
-    Ok(())
 }
 
 /// Counter value of one series in a scrape; absent means 0.
@@ -197,16 +183,15 @@ fn token_rotated_by_symlink_swap_drops_no_call() -> Result<()> {
     )?;
 
     let mut pod = Pod::new()?;
-    let token_dir = pod.dir.path().join("serviceaccount");
-    std::fs::create_dir(&token_dir)?;
-    publish_token(&token_dir, 1, &old_key.token("rot", "app")?)?;
-    pod.start_shim_reading(broker.port, &token_dir.join("token"))?;
+    // A projected token volume: the kubelet swaps `..data` atomically.
+    let mut token_dir = SecretDir::with_files(&[("token", &old_key.token("rot", "app")?)])?;
+    pod.start_shim_reading(broker.port, &token_dir.path("token"))?;
 
     let load = Load::start(&pod)?;
     load.wait_calls(200)?;
 
     // The kubelet rotates the token; the shim must pick it up without a failed call.
-    publish_token(&token_dir, 2, &new_key.token("rot", "app")?)?;
+    token_dir.publish_files(&[("token", &new_key.token("rot", "app")?)])?;
     wait_for(
         "the shim to load the new token",
         Duration::from_secs(10),
