@@ -458,11 +458,12 @@ fn targets(
 use crate::scale::ScaleResult;
 
 /// Output of a short command, trimmed.
-fn capture(cmd: &str, args: &[&str]) -> Result<String> {
+fn capture(cmd: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Result<String> {
+    let cmd = cmd.as_ref();
     let out = Command::new(cmd)
         .args(args)
         .output()
-        .with_context(|| format!("running {cmd}"))?;
+        .with_context(|| format!("running {}", cmd.to_string_lossy()))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
@@ -485,7 +486,7 @@ fn machine() -> Result<Machine> {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let etcd = capture("etcd", &["--version"])?
+    let etcd = capture(etcd_shim_e2e::etcd_tool("etcd"), &["--version"])?
         .lines()
         .next()
         .unwrap_or("etcd (unknown version)")

@@ -93,7 +93,7 @@ pub const QUIET: &[&str] = &["--log-level", "warn"];
 
 fn start_proxy(etcd_url: &str, dir: &Path) -> Result<(Proc, String)> {
     let port = free_port();
-    let mut cmd = Command::new("etcd");
+    let mut cmd = etcd_shim_e2e::etcd_command("etcd");
     cmd.args(["grpc-proxy", "start", "--namespace=/tenant/"])
         .arg(format!(
             "--endpoints={}",

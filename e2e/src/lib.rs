@@ -40,6 +40,38 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The etcd release under test: `ETCD_SHIM_TEST_ETCD` (`3.5`, `3.6` or `3.7`; default
+/// `3.6`), as `scripts/etcd` builds it from the Go module proxy.
+pub fn etcd_version() -> String {
+    std::env::var("ETCD_SHIM_TEST_ETCD").unwrap_or_else(|_| "3.6".into())
+}
+
+/// `etcd` or `etcdctl` of the release under test, from `.tools/etcd/<minor>/` in the
+/// workspace (or `ETCD_SHIM_TEST_ETCD_DIR`), with a clear message when it was not built.
+/// Every test takes its etcd from here, so one variable switches the whole suite.
+pub fn etcd_tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("ETCD_SHIM_TEST_ETCD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../.tools/etcd")
+                .join(etcd_version())
+        });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build it with `scripts/etcd dir {}` (scripts/setup does)",
+        p.display(),
+        etcd_version()
+    );
+    p
+}
+
+/// A command running `etcd` or `etcdctl` of the release under test.
+pub fn etcd_command(name: &str) -> Command {
+    Command::new(etcd_tool(name))
+}
+
 /// A port that was free a moment ago. Processes that cannot take a port as 0 need one.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -222,7 +254,7 @@ impl Etcd {
             let cluster = format!("e2e={peer_url}");
             let mut args = member_args("e2e", &data, &url, &peer_url, &cluster);
             args.extend(extra.iter().map(|s| s.to_string()));
-            let mut cmd = Command::new("etcd");
+            let mut cmd = etcd_command("etcd");
             cmd.args(&args);
             let mut proc = Proc::spawn("etcd", cmd, dir.path())?;
             let ok = wait_for("etcd to serve", Duration::from_secs(20), || {
@@ -258,7 +290,7 @@ impl Etcd {
     /// Starts etcd again on the same ports and data, and waits until it serves.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.stop();
-        let mut cmd = Command::new("etcd");
+        let mut cmd = etcd_command("etcd");
         cmd.args(&self.args);
         self.proc = Proc::spawn("etcd-restarted", cmd, self.dir.path())?;
         let addr = self.url.trim_start_matches("http://").to_owned();
@@ -272,7 +304,7 @@ impl Etcd {
 
     /// etcdctl against etcd itself (the cluster admin's view).
     pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = etcd_command("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.url])
             .args(args);
@@ -615,7 +647,7 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let m = &mut self.members[i];
-        let mut cmd = Command::new("etcd");
+        let mut cmd = etcd_command("etcd");
         cmd.args(&m.args);
         m.proc = Some(Proc::spawn(&m.name, cmd, self.dir.path())?);
         Ok(())
@@ -670,7 +702,7 @@ impl EtcdCluster {
         creds: Option<(&Path, &Path, &Path)>,
         args: &[&str],
     ) -> Result<Output> {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = etcd_command("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.urls().join(",")])
             .args(["--dial-timeout", "3s", "--command-timeout", "5s"]);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Proc, bin, http_get, run_bounded, wait_for};
+use crate::{Proc, bin, etcd_tool, http_get, run_bounded, wait_for};
 
 const SLOTS: u32 = 200;
 
@@ -192,7 +192,7 @@ impl Pod {
 
     /// `etcdctl` inside the pod, against the shim.
     pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
-        let mut cmd = self.command("etcdctl");
+        let mut cmd = self.command(etcd_tool("etcdctl"));
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", "http://127.0.0.1:2379"])
             .args(args);
@@ -215,7 +215,7 @@ impl Pod {
 
     /// A background `etcdctl` in the pod (watch, lock, elect...).
     pub fn etcdctl_spawn(&self, name: &str, args: &[&str]) -> Result<Proc> {
-        let mut cmd = self.command("etcdctl");
+        let mut cmd = self.command(etcd_tool("etcdctl"));
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", "http://127.0.0.1:2379"])
             .args(args);
