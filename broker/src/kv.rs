@@ -8,6 +8,7 @@ use etcd_client::proto::{
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
     PbTxnRequest, PbTxnResponse,
 };
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
@@ -45,16 +46,47 @@ impl PbKvService for Broker {
         res
     }
 
-    type RangeStreamStream = tokio_stream::Empty<Result<PbRangeStreamResponse, Status>>;
+    type RangeStreamStream = ReceiverStream<Result<PbRangeStreamResponse, Status>>;
 
+    /// etcd 3.7's streaming Range: forwarded, every chunk's keys stripped as Range's.
+    /// An etcd without it answers Unimplemented itself, in its own words, and clients
+    /// (the apiserver) fall back to Range.
     async fn range_stream(
         &self,
-        _req: Request<PbRangeRequest>,
+        req: Request<PbRangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
-        // Not in the etcd versions the broker targets; answer as such an etcd does.
-        Err(Status::unimplemented(
-            "unknown method RangeStream for service etcdserverpb.KV",
-        ))
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            let permit = self.admit(&t, Class::Read, "RangeStream")?;
+            let md = req.metadata().clone();
+            let mut r = req.into_inner();
+            rewrite::range_request(&t.prefix, &mut r)?;
+            let upstream = t
+                .upstream
+                .server_streaming::<_, PbRangeStreamResponse>(
+                    "/etcdserverpb.KV/RangeStream",
+                    request_from(&md, r),
+                )
+                .await?
+                .into_inner();
+            let broker = self.clone();
+            Ok(Response::new(upstream.relay(
+                self.inner.shutdown.clone(),
+                permit,
+                move |mut chunk: PbRangeStreamResponse| {
+                    if let Some(resp) = chunk.range_response.as_mut() {
+                        broker.note(&resp.header);
+                        let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
+                        broker.check_stripped(&t, "RangeStream", s);
+                    }
+                    chunk
+                },
+            )))
+        }
+        .await;
+        self.metrics().observe(SERVICE, "RangeStream", &call, &res);
+        res
     }
 
     async fn put(&self, req: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {

@@ -162,7 +162,7 @@ impl PbLeaseService for Broker {
                     }
                 },
                 _ = shutdown.cancelled() => {
-                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    let _ = tx.try_send(Err(crate::upstream::shutting_down()));
                     return;
                 }
                 _ = tx.closed() => return,
@@ -172,7 +172,7 @@ impl PbLeaseService for Broker {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
                     _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                        let _ = tx.try_send(Err(crate::upstream::shutting_down()));
                         break;
                     }
                     _ = tx.closed() => break,

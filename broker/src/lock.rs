@@ -14,7 +14,6 @@ use etcd_client::proto::{
     PbProclaimResponse, PbResignResponse, PbResponseHeader,
 };
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -303,7 +302,7 @@ impl Broker {
         let md = req.metadata().clone();
         let mut r = req.into_inner();
         r.name = t.prefix.key(&r.name);
-        let mut upstream = t
+        let upstream = t
             .upstream
             .server_streaming::<_, PbLeaderResponse>(
                 "/v3electionpb.Election/Observe",
@@ -311,36 +310,18 @@ impl Broker {
             )
             .await?
             .into_inner();
-        let (tx, rx) = mpsc::channel(16);
         let broker = self.clone();
-        let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = upstream.message() => m,
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
-                        break;
-                    }
-                    _ = tx.closed() => break,
-                };
-                let item = match msg {
-                    Ok(Some(mut resp)) => {
-                        broker.note(&resp.header);
-                        rewrite::scrub_header(&mut resp.header);
-                        broker.strip_kv_opt(&t, &mut resp.kv);
-                        Ok(resp)
-                    }
-                    Ok(None) => break,
-                    Err(status) => Err(crate::upstream::clean(status)),
-                };
-                let end = item.is_err();
-                if tx.send(item).await.is_err() || end {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = upstream.relay(
+            self.inner.shutdown.clone(),
+            (),
+            move |mut resp: PbLeaderResponse| {
+                broker.note(&resp.header);
+                rewrite::scrub_header(&mut resp.header);
+                broker.strip_kv_opt(&t, &mut resp.kv);
+                resp
+            },
+        );
+        Ok(Response::new(stream))
     }
 }
 

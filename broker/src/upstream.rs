@@ -22,7 +22,8 @@ use etcd_shim_core::tls::{
     ClientTls, ClientTlsFiles, ClientTlsSource, ReloadHook, ReloadOptions, ReloadOutcome,
 };
 use http::uri::PathAndQuery;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::client::Grpc;
 use tonic::metadata::MetadataMap;
@@ -533,6 +534,58 @@ impl<T> UpstreamStream<T> {
             clean(s)
         })
     }
+}
+
+impl<T: Send + 'static> UpstreamStream<T> {
+    /// Relays the stream to a client through a bounded channel until it ends, the client
+    /// goes away or the broker shuts down, passing each message through `each`. The
+    /// first error ends the relay, as it ends a gRPC stream. `hold` (a concurrency permit)
+    /// lives as long as the relay.
+    pub fn relay<U, H>(
+        mut self,
+        shutdown: CancellationToken,
+        hold: H,
+        mut each: impl FnMut(T) -> U + Send + 'static,
+    ) -> ReceiverStream<Result<U, Status>>
+    where
+        U: Send + 'static,
+        H: Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(RELAY_BUFFER);
+        tokio::spawn(async move {
+            let _hold = hold;
+            loop {
+                let msg = tokio::select! {
+                    m = self.message() => m,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.try_send(Err(shutting_down()));
+                        break;
+                    }
+                    _ = tx.closed() => break,
+                };
+                let item = match msg {
+                    Ok(Some(m)) => Ok(each(m)),
+                    Ok(None) => break,
+                    Err(status) => Err(status),
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Messages of a relayed stream buffered for a client before the broker stops reading
+/// etcd.
+const RELAY_BUFFER: usize = 16;
+
+/// What a client whose stream the broker ends on shutdown is told: etcd's own words for
+/// a stopping server (Unavailable, so clientv3 resumes watches on another endpoint).
+pub fn shutting_down() -> Status {
+    Status::unavailable("etcdserver: server stopped")
 }
 
 /// A request body handed over through a shared slot on its first poll; see

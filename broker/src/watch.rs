@@ -103,7 +103,7 @@ impl PbWatchService for Broker {
                     }
                 },
                 _ = shutdown.cancelled() => {
-                    let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                    let _ = tx.try_send(Err(crate::upstream::shutting_down()));
                     broker.metrics().watch_streams.dec();
                     return;
                 }
@@ -116,7 +116,7 @@ impl PbWatchService for Broker {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
                     _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(Status::unavailable("etcd-shim broker is shutting down")));
+                        let _ = tx.try_send(Err(crate::upstream::shutting_down()));
                         break;
                     }
                     _ = tx.closed() => break,

@@ -105,6 +105,7 @@ func TestKeySchema(t *testing.T) {
 }
 
 func TestDeleteWithSuggestionAndMissingExpectedTransformOrDecodeFailure(t *testing.T) {
+	featuregatetesting.SetFeatureGateDuringTest(t, utilfeature.DefaultFeatureGate, features.AllowUnsafeMalformedObjectDeletion, true)
 	e := setup(t, setupOptions{})
 	storagetesting.RunTestDeleteWithSuggestionAndMissingExpectedTransformOrDecodeError(e.ctx, t, e.store)
 }
@@ -118,4 +119,3 @@ func TestWatch(t *testing.T) {
 		})
 	}
 }
-
