@@ -321,6 +321,8 @@ pub struct Base {
     pub tenant_prefix_root: String,
     /// Root of the broker's lease ownership records; no tenant prefix may overlap it.
     pub lease_prefix: String,
+    /// Root of the tenants' compaction records; no tenant prefix may overlap it.
+    pub compaction_prefix: String,
 }
 
 /// A validated config: what the tenant resolver executes. Backends are referred to by
@@ -478,6 +480,7 @@ impl ConfigFile {
         let mut prefixes = vec![
             Claimed::root(&base.tenant_prefix_root, "the default tenant prefix root"),
             Claimed::exact(&base.lease_prefix, "the lease record prefix"),
+            Claimed::exact(&base.compaction_prefix, "the compaction record prefix"),
         ];
         let mut rules = Vec::with_capacity(self.tenants.len());
         for (i, r) in self.tenants.iter().enumerate() {
@@ -685,6 +688,7 @@ mod tests {
         Base {
             tenant_prefix_root: "/etcd-shim/tenants/".into(),
             lease_prefix: "/etcd-shim/leases/".into(),
+            compaction_prefix: "/etcd-shim/compactions/".into(),
         }
     }
 

@@ -31,11 +31,7 @@ impl PbKvService for Broker {
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::range_request(&t.prefix, &mut r)?;
-            let mut resp: PbRangeResponse = t
-                .upstream
-                .unary("/etcdserverpb.KV/Range", request_from(&md, r))
-                .await?
-                .into_inner();
+            let mut resp = self.guarded_range(&t, &md, r).await?;
             self.note(&resp.header);
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
             self.check_stripped(&t, "Range", s);
@@ -62,6 +58,7 @@ impl PbKvService for Broker {
             let md = req.metadata().clone();
             let mut r = req.into_inner();
             rewrite::range_request(&t.prefix, &mut r)?;
+            self.check_compacted(&t, &md, r.revision).await?;
             let upstream = t
                 .upstream
                 .server_streaming::<_, PbRangeStreamResponse>(
@@ -219,12 +216,8 @@ impl PbKvService for Broker {
                 Reservation::none()
             };
             let asked = resv.tracks().then(|| quota::txn_ask_prev(pl, &mut r));
-            let mut resp: PbTxnResponse = match t
-                .upstream
-                .unary("/etcdserverpb.KV/Txn", request_from(&md, r))
-                .await
-            {
-                Ok(resp) => resp.into_inner(),
+            let mut resp = match self.guarded_txn(&t, &md, r).await {
+                Ok(resp) => resp,
                 Err(e) => {
                     resv.release();
                     return Err(e);
@@ -245,8 +238,9 @@ impl PbKvService for Broker {
         res
     }
 
-    /// Compaction would remove history from every tenant, so it is never forwarded. The
-    /// answer is what etcd would say: success, or a future-revision error.
+    /// Compaction of the tenant's own history (see `compaction`): etcd's validation and
+    /// errors, recorded per tenant; never forwarded, since etcd's compaction is
+    /// cluster-wide.
     async fn compact(
         &self,
         req: Request<PbCompactionRequest>,
@@ -255,28 +249,10 @@ impl PbKvService for Broker {
         let res = async {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "Compact")?;
-            let md = req.metadata().clone();
-            // The current revision, from a range over a key no tenant can create.
-            let probe = PbRangeRequest {
-                key: t.prefix.as_bytes().to_vec(),
-                count_only: true,
-                ..Default::default()
-            };
-            let mut resp: PbRangeResponse = t
-                .upstream
-                .unary("/etcdserverpb.KV/Range", request_from(&md, probe))
-                .await?
-                .into_inner();
-            self.note(&resp.header);
-            let current = resp.header.as_ref().map_or(0, |h| h.revision);
-            if req.get_ref().revision > current {
-                return Err(EtcdError::FutureRev.into());
-            }
-            self.metrics().denied("compact_absorbed");
-            rewrite::scrub_header(&mut resp.header);
-            Ok(Response::new(PbCompactionResponse {
-                header: resp.header,
-            }))
+            let resp = self
+                .compact_tenant(&t, req.metadata(), req.get_ref().revision)
+                .await?;
+            Ok(Response::new(resp))
         }
         .await;
         self.metrics().observe(SERVICE, "Compact", &call, &res);

@@ -13,6 +13,7 @@ pub mod tokenreview;
 pub mod upstream;
 
 mod cluster;
+mod compaction;
 mod kv;
 mod lease;
 pub mod limits;
@@ -72,9 +73,15 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let mut tenants =
-            TenantResolver::new(&cfg.tenant_prefix_root, &cfg.lease_prefix, upstream)?
-                .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
+        let mut tenants = TenantResolver::new(
+            config::Base {
+                tenant_prefix_root: cfg.tenant_prefix_root.clone(),
+                lease_prefix: cfg.lease_prefix.clone(),
+                compaction_prefix: cfg.compaction_prefix.clone(),
+            },
+            upstream,
+        )?
+        .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
         tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
             inner: Arc::new(Inner {

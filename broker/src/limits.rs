@@ -251,9 +251,22 @@ pub struct TenantState {
     measuring: tokio::sync::Mutex<()>,
     /// A background measurement is running.
     background: AtomicBool,
+    /// The tenant's compacted revision as this broker last saw it in etcd: a lower bound
+    /// that lets reads below it be refused without asking etcd (see `compaction`).
+    compacted: AtomicI64,
 }
 
 impl TenantState {
+    /// The highest compacted revision of the tenant seen so far (0: none).
+    pub fn compacted(&self) -> i64 {
+        self.compacted.load(Ordering::Relaxed)
+    }
+
+    /// Notes a compacted revision read from etcd or just recorded there.
+    pub fn saw_compacted(&self, rev: i64) {
+        self.compacted.fetch_max(rev, Ordering::Relaxed);
+    }
+
     fn new(label: Arc<str>, limits: Arc<Limits>) -> Self {
         Self {
             label: Mutex::new(label),
@@ -263,6 +276,7 @@ impl TenantState {
             in_flight: AtomicU32::new(0),
             watches: AtomicI64::new(0),
             leases: AtomicI64::new(-1),
+            compacted: AtomicI64::new(0),
             usage: Mutex::default(),
             measuring: tokio::sync::Mutex::new(()),
             background: AtomicBool::new(false),

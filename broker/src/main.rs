@@ -129,6 +129,13 @@ struct Args {
         default_value = "/etcd-shim/leases/"
     )]
     lease_prefix: String,
+    /// Broker-private prefix for the tenants' compaction records.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_BROKER_COMPACTION_PREFIX",
+        default_value = "/etcd-shim/compactions/"
+    )]
+    compaction_prefix: String,
     /// Client URLs that MemberList reports to clients calling the broker directly.
     #[arg(
         long,
@@ -228,6 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = BrokerConfig {
         tenant_prefix_root: args.tenant_prefix_root.clone(),
         lease_prefix: args.lease_prefix.clone(),
+        compaction_prefix: args.compaction_prefix.clone(),
         advertise_client_urls: args.advertise_client_urls.clone(),
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;

@@ -38,6 +38,9 @@ pub struct BrokerConfig {
     pub tenant_prefix_root: String,
     /// Lease ownership records live under `<lease_prefix><ns>/<sa>/<id>`.
     pub lease_prefix: String,
+    /// A tenant's compacted revision is recorded at `<compaction_prefix>` followed by its
+    /// prefix without the leading `/`.
+    pub compaction_prefix: String,
     /// Client URLs reported by MemberList to clients that call the broker directly.
     pub advertise_client_urls: Vec<String>,
 }
@@ -47,6 +50,7 @@ impl Default for BrokerConfig {
         Self {
             tenant_prefix_root: "/etcd-shim/tenants/".into(),
             lease_prefix: "/etcd-shim/leases/".into(),
+            compaction_prefix: "/etcd-shim/compactions/".into(),
             advertise_client_urls: Vec::new(),
         }
     }

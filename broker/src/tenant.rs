@@ -27,6 +27,8 @@ pub struct Tenant {
     pub prefix: Prefix,
     /// Where the ownership records of the tenant's leases live.
     pub lease_prefix: Prefix,
+    /// Where the tenant's compacted revision is recorded (see `compaction`).
+    pub compaction_key: Vec<u8>,
     /// Name of the backend holding the tenant's keys.
     pub backend: Arc<str>,
     /// The etcd cluster holding the tenant's keys. Resolved once per call; a call that
@@ -100,26 +102,24 @@ const TENANT_CACHE_MAX: usize = 10_000;
 impl TenantResolver {
     /// A resolver with no config file: every identity is a tenant under `root` on
     /// `upstream`.
-    pub fn new(
-        root: &str,
-        lease_root: &str,
-        upstream: Upstream,
-    ) -> Result<Self, TenantConfigError> {
-        for p in [root, lease_root] {
+    pub fn new(base: Base, upstream: Upstream) -> Result<Self, TenantConfigError> {
+        let roots = [
+            &base.tenant_prefix_root,
+            &base.lease_prefix,
+            &base.compaction_prefix,
+        ];
+        for p in roots {
             if !p.starts_with('/') || !p.ends_with('/') {
                 return Err(TenantConfigError::BadPrefix(p.to_owned()));
             }
         }
-        if root.starts_with(lease_root) || lease_root.starts_with(root) {
-            return Err(TenantConfigError::Overlap(
-                root.to_owned(),
-                lease_root.to_owned(),
-            ));
+        for (i, a) in roots.iter().enumerate() {
+            for b in &roots[i + 1..] {
+                if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
+                    return Err(TenantConfigError::Overlap(a.to_string(), b.to_string()));
+                }
+            }
         }
-        let base = Base {
-            tenant_prefix_root: root.to_owned(),
-            lease_prefix: lease_root.to_owned(),
-        };
         let implicit = Arc::new(upstream);
         let routing = Routing {
             backends: vec![Backend {
@@ -299,6 +299,12 @@ impl TenantResolver {
             let state = self
                 .states
                 .state(&b.name, prefix.as_bytes(), &label, &limits);
+            // Prefixes start with "/", so the record sits right under the root.
+            let compaction_key = [
+                self.base.compaction_prefix.as_bytes(),
+                &prefix.as_bytes()[1..],
+            ]
+            .concat();
             Arc::new(Tenant {
                 prefix: Prefix::new(prefix.into_bytes())
                     .unwrap_or_else(|| unreachable!("prefix ends in /")),
@@ -306,6 +312,7 @@ impl TenantResolver {
                     format!("{}{name}/", self.base.lease_prefix).into_bytes(),
                 )
                 .unwrap_or_else(|| unreachable!("prefix ends in /")),
+                compaction_key,
                 name,
                 backend: b.name.clone(),
                 upstream: b.upstream.clone(),
@@ -437,8 +444,20 @@ mod tests {
         Upstream::new(&[format!("http://127.0.0.1:{port}")]).unwrap()
     }
 
+    fn base(root: &str, leases: &str) -> Base {
+        Base {
+            tenant_prefix_root: root.into(),
+            lease_prefix: leases.into(),
+            compaction_prefix: "/etcd-shim/compactions/".into(),
+        }
+    }
+
     fn resolver() -> TenantResolver {
-        TenantResolver::new("/etcd-shim/tenants/", "/etcd-shim/leases/", upstream(1)).unwrap()
+        TenantResolver::new(
+            base("/etcd-shim/tenants/", "/etcd-shim/leases/"),
+            upstream(1),
+        )
+        .unwrap()
     }
 
     fn id(s: &str) -> Identity {
@@ -493,11 +512,11 @@ mod tests {
             .unwrap();
         let _g = rt.enter();
         assert!(matches!(
-            TenantResolver::new("/x", "/l/", upstream(1)),
+            TenantResolver::new(base("/x", "/l/"), upstream(1)),
             Err(TenantConfigError::BadPrefix(_))
         ));
         assert!(matches!(
-            TenantResolver::new("/x/", "/x/leases/", upstream(1)),
+            TenantResolver::new(base("/x/", "/x/leases/"), upstream(1)),
             Err(TenantConfigError::Overlap(..))
         ));
     }

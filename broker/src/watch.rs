@@ -2,7 +2,7 @@
 //! fragmentation and progress notifications stay etcd's own. Create requests are confined
 //! to the tenant prefix; events are stripped on the way back.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ impl PbWatchService for Broker {
             state: t.state.clone(),
             open: HashSet::new(),
             pending: 0,
+            creates: VecDeque::new(),
+            compacted: HashSet::new(),
         }));
 
         // Pump client requests upstream before waiting for etcd's response headers: etcd
@@ -49,6 +51,8 @@ impl PbWatchService for Broker {
         // Weak: the stream ends when the response pump is done, not when this one is.
         let local = tx.downgrade();
         let pending = counted.clone();
+        let up_cancel = up_tx.downgrade();
+        let create_md = md.clone();
         tokio::spawn(async move {
             while let Some(Ok(mut msg)) = downstream.next().await {
                 if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union {
@@ -73,7 +77,23 @@ impl PbWatchService for Broker {
                             _ => break,
                         }
                     }
-                    lock(&pending).pending += 1;
+                    // A watch from below the tenant's compaction is created by etcd, so
+                    // that watch ids stay etcd's own, and then cancelled as etcd cancels
+                    // one from a compacted revision.
+                    let compacted = if c.start_revision > 0 {
+                        let rev = broker
+                            .compacted_revision(&tenant, &create_md)
+                            .await
+                            .unwrap_or_else(|_| tenant.state.compacted());
+                        (c.start_revision < rev).then_some(rev)
+                    } else {
+                        None
+                    };
+                    {
+                        let mut p = lock(&pending);
+                        p.pending += 1;
+                        p.creates.push_back(compacted);
+                    }
                     rewrite::watch_range(&tenant.prefix, &mut c.key, &mut c.range_end);
                 }
                 if up_tx.send(msg).await.is_err() {
@@ -123,9 +143,47 @@ impl PbWatchService for Broker {
                 };
                 match msg {
                     Ok(Some(mut resp)) => {
-                        lock(&counted).saw(&resp);
+                        let compacted = {
+                            let mut c = lock(&counted);
+                            if c.drops(&resp) {
+                                continue;
+                            }
+                            c.saw(&resp);
+                            c.compacted_create(&resp)
+                        };
                         broker.note(&resp.header);
                         rewrite::scrub_header(&mut resp.header);
+                        if let Some(rev) = compacted {
+                            let cancel = PbWatchResponse {
+                                header: resp.header,
+                                watch_id: resp.watch_id,
+                                canceled: true,
+                                compact_revision: rev,
+                                ..Default::default()
+                            };
+                            lock(&counted).saw(&cancel);
+                            let id = resp.watch_id;
+                            if tx.send(Ok(resp)).await.is_err()
+                                || tx.send(Ok(cancel)).await.is_err()
+                            {
+                                break;
+                            }
+                            if let Some(up) = up_cancel.upgrade() {
+                                let mut req = PbWatchRequest {
+                                    request_union: Some(PbWatchRequestUnion::CancelRequest(
+                                        Default::default(),
+                                    )),
+                                };
+                                if let Some(PbWatchRequestUnion::CancelRequest(c)) =
+                                    &mut req.request_union
+                                {
+                                    c.watch_id = id;
+                                }
+                                let _ = up.send(req).await;
+                            }
+                            continue;
+                        }
+                        crate::compaction::compact_events(t.state.compacted(), &mut resp.events);
                         let s = rewrite::watch_events(&t.prefix, &mut resp.events);
                         broker.check_stripped(&t, "Watch", s);
                         match tx.send_timeout(Ok(resp), SLOW_WATCHER_TIMEOUT).await {
@@ -161,9 +219,39 @@ struct Counted {
     open: HashSet<i64>,
     /// Create requests sent and not answered yet.
     pending: usize,
+    /// For each create sent and not answered yet, in order: the tenant's compacted
+    /// revision if the watch starts below it.
+    creates: VecDeque<Option<i64>>,
+    /// Watches the broker cancelled for the tenant's compaction: etcd's events and
+    /// cancel confirmation for them are not the client's any more.
+    compacted: HashSet<i64>,
 }
 
 impl Counted {
+    /// Whether a response belongs to a watch the broker already cancelled.
+    fn drops(&mut self, resp: &PbWatchResponse) -> bool {
+        if resp.created || !self.compacted.contains(&resp.watch_id) {
+            return false;
+        }
+        if resp.canceled {
+            self.compacted.remove(&resp.watch_id);
+        }
+        true
+    }
+
+    /// For a create answered, the compacted revision to cancel the new watch with.
+    fn compacted_create(&mut self, resp: &PbWatchResponse) -> Option<i64> {
+        if !resp.created {
+            return None;
+        }
+        let rev = self.creates.pop_front().flatten()?;
+        if resp.canceled {
+            return None;
+        }
+        self.compacted.insert(resp.watch_id);
+        Some(rev)
+    }
+
     fn saw(&mut self, resp: &PbWatchResponse) {
         if resp.created {
             self.pending = self.pending.saturating_sub(1);

@@ -29,6 +29,9 @@ const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
 const EMPTY_KEY: &str = "etcdserver: key is not provided";
 const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
+const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+/// Where the broker records tenant A's compacted revision.
+const COMPACTION_A: &str = "/etcd-shim/compactions/etcd-shim/tenants/team-a/app/";
 
 /// The cluster's own data, written by the admin straight to etcd.
 const REGISTRY: &[(&str, &str)] = &[
@@ -126,7 +129,11 @@ fn dump(env: &TwoTenants) -> Result<Dump> {
 /// Everything in etcd that tenant A has no business changing.
 fn not_a(d: &Dump) -> Dump {
     d.iter()
-        .filter(|(k, _)| !k.starts_with(PREFIX_A.as_bytes()) && !k.starts_with(LEASES_A.as_bytes()))
+        .filter(|(k, _)| {
+            !k.starts_with(PREFIX_A.as_bytes())
+                && !k.starts_with(LEASES_A.as_bytes())
+                && k.as_slice() != COMPACTION_A.as_bytes()
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -1266,7 +1273,7 @@ fn keep_alive_of_a_foreign_lease_as_first_request_answers_ttl_0() -> Result<()> 
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn compact_is_absorbed_and_history_survives() -> Result<()> {
+fn compaction_is_the_tenants_own() -> Result<()> {
     let mut fx = Fixture::start()?;
     let (r1, r2) = in_pod(&fx.env.b, |mut c| async move {
         let r1 = c
@@ -1286,42 +1293,95 @@ fn compact_is_absorbed_and_history_survives() -> Result<()> {
         Ok((r1, r2))
     })?;
     fx.rebase()?;
-    let current = in_pod(&fx.env.a, |mut c| async move {
+    let (old, current) = in_pod(&fx.env.a, |mut c| async move {
+        let old = c
+            .put("mine", "v1", None)
+            .await?
+            .0
+            .header
+            .context("header")?
+            .revision;
+        c.put("mine", "v2", None).await?;
         let current = c.get("x", None).await?.0.header.context("header")?.revision;
-        c.compact(current, None).await.context("compact")?;
-        c.compact(current, Some(CompactionOptions::new().with_physical()))
-            .await
-            .context("physical compact")?;
         expect_status(
             "compact in the future",
             c.compact(current + 1000, None).await,
             Code::OutOfRange,
             FUTURE_REV,
         )?;
-        Ok(current)
-    })?;
-    ensure!(current >= r2);
-    // etcd words a future compaction the same way (and, refusing it, compacts nothing).
-    admin(&fx.env, move |mut c| async move {
+        c.compact(current, Some(CompactionOptions::new().with_physical()))
+            .await
+            .context("compact")?;
+        // As on etcd: the same revision again, or an older one, is already compacted.
+        for rev in [current, old] {
+            expect_status(
+                "compact again",
+                c.compact(rev, None).await,
+                Code::OutOfRange,
+                COMPACTED,
+            )?;
+        }
+        // Every read below the compaction gets etcd's error; at it, the data is there.
         expect_status(
-            "etcd: future compact",
-            c.compact(current + 1000, None).await,
+            "range below the compaction",
+            c.get("mine", Some(GetOptions::new().with_revision(old)))
+                .await,
             Code::OutOfRange,
-            FUTURE_REV,
+            COMPACTED,
         )?;
-        let old = c
+        let at = c
+            .get("mine", Some(GetOptions::new().with_revision(current)))
+            .await?;
+        ensure!(
+            at.kvs()[0].value() == b"v2",
+            "range at the compaction: {at:?}"
+        );
+        expect_status(
+            "txn range below the compaction",
+            c.txn(Txn::new().and_then([TxnOp::get(
+                "mine",
+                Some(GetOptions::new().with_revision(old)),
+            )]))
+            .await,
+            Code::OutOfRange,
+            COMPACTED,
+        )?;
+        // A watch from below it is created, then cancelled with the compaction revision.
+        let mut w = c
+            .watch("mine", Some(WatchOptions::new().with_start_revision(old)))
+            .await?;
+        let mut r = next_response(&mut w).await?;
+        if r.created() && !r.canceled() {
+            r = next_response(&mut w).await?;
+        }
+        ensure!(
+            r.canceled() && r.compact_revision() == current && r.events().is_empty(),
+            "watch from below the compaction: {r:?}"
+        );
+        Ok((old, current))
+    })?;
+    ensure!(current >= r2 && old > r2);
+    // The real etcd kept its history; the compaction is one record the broker keeps.
+    admin(&fx.env, move |mut c| async move {
+        let hist = c
             .get(
                 format!("{PREFIX_B}hist"),
                 Some(GetOptions::new().with_revision(r1)),
             )
             .await?;
         ensure!(
-            old.kvs()[0].value() == value_of("tenant-b", b"hist"),
+            hist.kvs()[0].value() == value_of("tenant-b", b"hist"),
             "etcd lost revision {r1}"
+        );
+        let record = c.get(COMPACTION_A, None).await?;
+        ensure!(
+            record.kvs().first().map(|kv| kv.value().to_vec())
+                == Some(format!("{current:020}").into_bytes()),
+            "compaction record: {record:?}"
         );
         Ok(())
     })?;
-    // B still reads and watches from before the "compaction".
+    // B still reads and watches from before A's compaction.
     in_pod(&fx.env.b, move |mut c| async move {
         let old = c
             .get("hist", Some(GetOptions::new().with_revision(r1)))
