@@ -8,12 +8,14 @@ package kubernetes
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -48,6 +50,18 @@ const (
 	// tenantPrefix is where the broker keeps the tenant's keys in etcd.
 	tenantPrefix = "/etcd-shim/tenants/" + tenant + "/"
 )
+
+// tenantCred is a tenant the brokers know: the token its shims present and the
+// <namespace>/<serviceaccount> it stands for.
+type tenantCred struct {
+	token, name string
+}
+
+// defaultTenant is the one tenant of the storage tests.
+var defaultTenant = tenantCred{token: tenantToken, name: tenant}
+
+// prefix is where the broker keeps the tenant's keys in etcd.
+func (c tenantCred) prefix() string { return "/etcd-shim/tenants/" + c.name + "/" }
 
 // proc is a child process killed when the test ends; its log is printed if the test
 // failed.
@@ -229,17 +243,27 @@ func memDir(t testing.TB) string {
 }
 
 // broker is an etcd-shim broker in the root namespace, on every address so that pods
-// reach it over their veth.
+// reach it over their veth; its admin port (metrics, readiness) is on loopback.
 type broker struct {
-	port int
+	port  int
+	admin int
 	*proc
 }
 
-func startBroker(t testing.TB, etcdURL string) *broker {
+// startBroker starts a broker on etcdURL that knows tenants (defaultTenant when none is
+// given) by their static tokens.
+func startBroker(t testing.TB, etcdURL string, tenants ...tenantCred) *broker {
 	t.Helper()
+	if len(tenants) == 0 {
+		tenants = []tenantCred{defaultTenant}
+	}
 	dir := t.TempDir()
+	var lines strings.Builder
+	for _, c := range tenants {
+		fmt.Fprintf(&lines, "%s %s\n", c.token, c.name)
+	}
 	tokens := filepath.Join(dir, "tokens")
-	if err := os.WriteFile(tokens, []byte(tenantToken+" "+tenant+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(tokens, []byte(lines.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	port, admin := freePort(t), freePort(t)
@@ -254,7 +278,47 @@ func startBroker(t testing.TB, etcdURL string) *broker {
 		}
 		return httpOK(plainDial, fmt.Sprintf("http://127.0.0.1:%d/ready", admin))
 	})
-	return &broker{port: port, proc: p}
+	return &broker{port: port, admin: admin, proc: p}
+}
+
+// metric is the sum of a broker's samples of the metric name (all label sets), from its
+// Prometheus text on the admin port.
+func (b *broker) metric(name string) (float64, error) {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", b.admin))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("broker metrics: %s", resp.Status)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	found := false
+	for _, line := range strings.Split(string(body), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 2 || strings.HasPrefix(line, "#") {
+			continue
+		}
+		series := fields[0]
+		if series != name && !strings.HasPrefix(series, name+"{") {
+			continue
+		}
+		v, err := strconv.ParseFloat(fields[1], 64)
+		if err != nil {
+			return 0, fmt.Errorf("broker metric %q: %v", line, err)
+		}
+		sum += v
+		found = true
+	}
+	if !found {
+		return 0, fmt.Errorf("broker has no metric %s", name)
+	}
+	return sum, nil
 }
 
 // pod is a network namespace with loopback up and a veth pair to the root namespace.
@@ -376,8 +440,14 @@ func (p *pod) dial(ctx context.Context, network, addr string) (net.Conn, error) 
 // until it is ready.
 func (p *pod) startShim(t testing.TB, brokers ...*broker) {
 	t.Helper()
+	p.startShimAs(t, defaultTenant, brokers...)
+}
+
+// startShimAs is startShim for the pod of another tenant, with that tenant's token.
+func (p *pod) startShimAs(t testing.TB, c tenantCred, brokers ...*broker) {
+	t.Helper()
 	token := filepath.Join(p.dir, "token")
-	if err := os.WriteFile(token, []byte(tenantToken), 0o600); err != nil {
+	if err := os.WriteFile(token, []byte(c.token), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	var urls []string
