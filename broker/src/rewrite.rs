@@ -135,6 +135,10 @@ pub fn txn_request(p: &Prefix, req: &mut PbTxnRequest) -> Result<(), EtcdError> 
 }
 
 fn validate_txn(req: &PbTxnRequest) -> Result<(), EtcdError> {
+    // etcd checks the compares before the ops, at every level of nesting.
+    for c in &req.compare {
+        require_key(&c.key)?;
+    }
     for op in req.success.iter().chain(&req.failure) {
         match &op.request {
             Some(PbTxnOpRequest::RequestRange(r)) => require_key(&r.key)?,
@@ -520,6 +524,22 @@ mod tests {
         let before = t.clone();
         assert_eq!(txn_request(&p(), &mut t), Err(EtcdError::EmptyKey));
         assert_eq!(t, before);
+    }
+
+    #[test]
+    fn txn_compares_with_an_empty_key_are_refused_like_etcd() {
+        // At the top, and in a nested txn.
+        let mut top = nested_txn();
+        top.compare.push(PbCompare::default());
+        let mut deep = nested_txn();
+        if let Some(PbTxnOpRequest::RequestTxn(inner)) = &mut deep.success[1].request {
+            inner.compare.push(PbCompare::default());
+        }
+        for mut t in [top, deep] {
+            let before = t.clone();
+            assert_eq!(txn_request(&p(), &mut t), Err(EtcdError::EmptyKey));
+            assert_eq!(t, before);
+        }
     }
 
     #[test]

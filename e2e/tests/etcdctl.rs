@@ -286,3 +286,34 @@ fn endpoint_health_status_and_members() -> Result<()> {
     assert!(members.contains("http://127.0.0.1:2379"), "{members}");
     Ok(())
 }
+
+/// Debian's etcdctl 3.4, the one place the tests still use 3.4: it sends a URL-shaped
+/// `:authority` (`http://127.0.0.1:2379`) that the shim repairs before the broker sees
+/// it, and supported etcd releases (3.5 and later) no longer have a client that does.
+#[test]
+fn etcdctl_3_4_works_through_the_shim() -> Result<()> {
+    const ETCDCTL_3_4: &str = "/usr/bin/etcdctl";
+    let env = TwoTenants::start()?;
+    let run = |args: &[&str]| -> Result<String> {
+        let mut cmd = env.a.command(ETCDCTL_3_4);
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", "http://127.0.0.1:2379"])
+            .args(args);
+        let out = etcd_shim_e2e::run_bounded(cmd, std::time::Duration::from_secs(30))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "etcdctl 3.4 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    assert!(run(&["version"])?.contains("etcdctl version: 3.4"));
+    run(&["put", "old-client", "yes"])?;
+    assert_eq!(
+        lines(&run(&["get", "old-client", "--print-value-only"])?),
+        ["yes"]
+    );
+    // Maintenance calls are the ones whose authority needed repair.
+    assert!(run(&["endpoint", "status"])?.contains("127.0.0.1:2379"));
+    Ok(())
+}

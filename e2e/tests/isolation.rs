@@ -616,6 +616,11 @@ fn txn_compares_and_ops_see_only_own_keys() -> Result<()> {
             Txn::new().and_then([TxnOp::txn(Txn::new().and_then([TxnOp::put("", "v", None)]))]),
         )])
     };
+    let empty_compare = || {
+        Txn::new()
+            .when([Compare::version("", CompareOp::Greater, 0)])
+            .and_then([TxnOp::put("mine", "v", None)])
+    };
     in_pod(&fx.env.a, move |mut c| async move {
         c.put("mine", value_of("tenant-a", b"mine"), None).await?;
         // Each compare holds in B's space (or the cluster's) but not in A's.
@@ -739,12 +744,24 @@ fn txn_compares_and_ops_see_only_own_keys() -> Result<()> {
             Code::InvalidArgument,
             EMPTY_KEY,
         )?;
+        expect_status(
+            "compare on an empty key",
+            c.txn(empty_compare()).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        )?;
         Ok(())
     })?;
     admin(&fx.env, move |mut c| async move {
         expect_status(
             "etcd's own answer",
             c.txn(nested_empty_key()).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        )?;
+        expect_status(
+            "etcd's own answer to a compare on an empty key",
+            c.txn(empty_compare()).await,
             Code::InvalidArgument,
             EMPTY_KEY,
         )
