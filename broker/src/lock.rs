@@ -118,12 +118,13 @@ where
 }
 
 impl Broker {
-    fn prefix_leader(
-        &self,
-        t: &Tenant,
-        leader: &mut Option<PbLeaderKey>,
-    ) -> Result<i64, EtcdError> {
+    fn prefix_leader(&self, t: &Tenant, leader: &mut Option<PbLeaderKey>) -> Result<i64, Status> {
         let l = leader.as_mut().ok_or(EtcdError::EmptyKey)?;
+        // etcd's election server compares on the leader key, and refuses an empty one
+        // as every empty key; prefixed, it would name the tenant's prefix itself.
+        if l.key.is_empty() {
+            return Err(empty_key_from_a_v3_server());
+        }
         l.name = t.prefix.key(&l.name);
         l.key = t.prefix.key(&l.key);
         Ok(l.lease)
@@ -198,6 +199,11 @@ impl Broker {
         self.rate(&t, Class::Write, "Unlock")?;
         let md = req.metadata().clone();
         let mut r = req.into_inner();
+        // etcd's lock server deletes the key, and refuses an empty one as every empty
+        // key; prefixed, it would delete the tenant's prefix itself.
+        if r.key.is_empty() {
+            return Err(empty_key_from_a_v3_server());
+        }
         r.key = t.prefix.key(&r.key);
         let mut resp: UnlockResponse = t
             .upstream
@@ -323,6 +329,12 @@ impl Broker {
         );
         Ok(Response::new(stream))
     }
+}
+
+/// etcd's lock and election servers are clients of etcd's KV: they hand a refusal on
+/// as an error of their own, which gRPC sends as Unknown with etcd's message.
+fn empty_key_from_a_v3_server() -> Status {
+    Status::unknown(EtcdError::EmptyKey.to_string())
 }
 
 fn rewrite_one() -> rewrite::Stripped {

@@ -299,7 +299,7 @@ fn etcdctl_3_4_works_through_the_shim() -> Result<()> {
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", "http://127.0.0.1:2379"])
             .args(args);
-        let out = etcd_shim_e2e::run_bounded(cmd, std::time::Duration::from_secs(30))?;
+        let out = etcd_shim_e2e::run_bounded(cmd, Duration::from_secs(30))?;
         anyhow::ensure!(
             out.status.success(),
             "etcdctl 3.4 {args:?}: {}",

@@ -769,6 +769,25 @@ fn txn_compares_and_ops_see_only_own_keys() -> Result<()> {
     fx.check_others_untouched()
 }
 
+/// Unlock and Proclaim with an empty key get etcd's own `key is not provided`, with the
+/// Unknown code etcd's lock and election servers give it.
+async fn empty_lock_and_leader_keys_are_refused(c: &mut Client, lease: i64) -> Result<()> {
+    expect_status(
+        "unlock of an empty key",
+        c.unlock("").await,
+        Code::Unknown,
+        EMPTY_KEY,
+    )?;
+    let empty = LeaderKey::new().with_name("myelection").with_lease(lease);
+    expect_status(
+        "proclaim with an empty leader key",
+        c.proclaim("v", Some(ProclaimOptions::new().with_leader(empty)))
+            .await,
+        Code::Unknown,
+        EMPTY_KEY,
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Watch
 // ---------------------------------------------------------------------------------------
@@ -1754,7 +1773,13 @@ fn locks_and_elections_of_the_same_name_are_separate() -> Result<()> {
             l.kv().map(|kv| kv.key()) == Some(my_leader.key()),
             "A's leadership changed: {l:?}"
         );
+        // An empty lock or leader key would name A's prefix itself; etcd refuses both.
+        empty_lock_and_leader_keys_are_refused(&mut c, lease).await?;
         Ok(())
+    })?;
+    admin(&fx.env, |mut c| async move {
+        let lease = c.lease_grant(60, None).await?.id();
+        empty_lock_and_leader_keys_are_refused(&mut c, lease).await
     })?;
 
     // B still holds its lock and leads its election with its own value.
