@@ -99,7 +99,9 @@ fn start_proxy(etcd_url: &str, dir: &Path) -> Result<(Proc, String)> {
             "--endpoints={}",
             etcd_url.trim_start_matches("http://")
         ))
-        .arg(format!("--listen-addr=127.0.0.1:{port}"));
+        .arg(format!("--listen-addr=127.0.0.1:{port}"))
+        // Since 3.6 the proxy dials itself at this address, 127.0.0.1:23790 unless told.
+        .arg(format!("--advertise-client-url=127.0.0.1:{port}"));
     let mut proc = Proc::spawn("grpc-proxy", cmd, dir)?;
     let addr = format!("127.0.0.1:{port}");
     wait_for("grpc-proxy to serve", Duration::from_secs(20), || {

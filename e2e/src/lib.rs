@@ -305,9 +305,7 @@ impl Etcd {
     /// etcdctl against etcd itself (the cluster admin's view).
     pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = etcd_command("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url])
-            .args(args);
+        cmd.args(["--endpoints", &self.url]).args(args);
         run_bounded(cmd, Duration::from_secs(30))
     }
 }
@@ -703,9 +701,12 @@ impl EtcdCluster {
         args: &[&str],
     ) -> Result<Output> {
         let mut cmd = etcd_command("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.urls().join(",")])
-            .args(["--dial-timeout", "3s", "--command-timeout", "5s"]);
+        cmd.args(["--endpoints", &self.urls().join(",")]).args([
+            "--dial-timeout",
+            "3s",
+            "--command-timeout",
+            "5s",
+        ]);
         if let Some((ca, cert, key)) = creds {
             cmd.arg("--cacert")
                 .arg(ca)

@@ -193,8 +193,7 @@ impl Pod {
     /// `etcdctl` inside the pod, against the shim.
     pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = self.command(etcd_tool("etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", "http://127.0.0.1:2379"])
+        cmd.args(["--endpoints", "http://127.0.0.1:2379"])
             .args(args);
         run_bounded(cmd, Duration::from_secs(30))
     }
@@ -216,8 +215,7 @@ impl Pod {
     /// A background `etcdctl` in the pod (watch, lock, elect...).
     pub fn etcdctl_spawn(&self, name: &str, args: &[&str]) -> Result<Proc> {
         let mut cmd = self.command(etcd_tool("etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", "http://127.0.0.1:2379"])
+        cmd.args(["--endpoints", "http://127.0.0.1:2379"])
             .args(args);
         Proc::spawn(name, cmd, self.dir.path())
     }

@@ -64,8 +64,7 @@ fn txn_compares_and_branches() -> Result<()> {
     a.etcdctl_ok(&["put", "counter", "1"])?;
     let txn = |compare: &str| -> Result<String> {
         let mut cmd = a.command(etcd_shim_e2e::etcd_tool("etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", "http://127.0.0.1:2379", "txn"]);
+        cmd.args(["--endpoints", "http://127.0.0.1:2379", "txn"]);
         let script = format!("{compare}\n\nput counter 2\nput audit yes\n\nget counter\n\n");
         run_with_stdin(cmd, &script)
     };
@@ -76,8 +75,7 @@ fn txn_compares_and_branches() -> Result<()> {
     // The same compare from tenant B looks at B's own (missing) key.
     let out = {
         let mut cmd = env.b.command(etcd_shim_e2e::etcd_tool("etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", "http://127.0.0.1:2379", "txn"]);
+        cmd.args(["--endpoints", "http://127.0.0.1:2379", "txn"]);
         run_with_stdin(cmd, "mod(\"counter\") > \"0\"\n\nput x 1\n\nput y 1\n\n")?
     };
     assert_eq!(lines(&out)[0], "FAILURE");
