@@ -1,8 +1,8 @@
 //! Adversarial isolation suite: tenant A attacks through every etcd RPC while tenant B
 //! holds data, leases, locks and watches, and the cluster's own `/registry/...` tree sits in
-//! the same etcd. Each test checks that A's attempt fails the way DESIGN.md's isolation
-//! policy says, with etcd's exact code and message, and that everything that is not A's is
-//! byte-for-byte unchanged in the cluster admin's direct view of etcd.
+//! the same etcd. Each test checks that A's attempt fails the way the isolation policy in
+//! docs/architecture.md says, with etcd's exact code and message, and that everything that
+//! is not A's is byte-for-byte unchanged in the cluster admin's direct view of etcd.
 
 use std::collections::BTreeMap;
 use std::future::Future;

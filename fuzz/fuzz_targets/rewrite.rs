@@ -289,7 +289,7 @@ fn check_range(p: &Prefix, key: &[u8], end: &[u8], what: &str) {
     }
 }
 
-/// What the rewrite of `(key, end)` must be, from DESIGN.md's rules.
+/// What the rewrite of `(key, end)` must be, by the key-rewriting rules of docs/architecture.md.
 fn expected(p: &Prefix, key: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let end = match end {
         [] => Vec::new(),
