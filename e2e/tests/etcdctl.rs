@@ -322,7 +322,14 @@ fn etcdctl_3_4_works_through_the_shim() -> Result<()> {
 fn check_perf_passes() -> Result<()> {
     let env = TwoTenants::start()?;
     let mut cmd = env.a.command(etcd_shim_e2e::etcd_tool("etcdctl"));
-    cmd.args(["--endpoints", "http://127.0.0.1:2379", "check", "perf", "--load", "s"]);
+    cmd.args([
+        "--endpoints",
+        "http://127.0.0.1:2379",
+        "check",
+        "perf",
+        "--load",
+        "s",
+    ]);
     let out = etcd_shim_e2e::run_bounded(cmd, Duration::from_secs(150))?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -331,6 +338,11 @@ fn check_perf_passes() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     // It cleans up after itself, as on etcd.
-    assert!(env.a.etcdctl_ok(&["get", "", "--prefix", "--keys-only"])?.trim().is_empty());
+    assert!(
+        env.a
+            .etcdctl_ok(&["get", "", "--prefix", "--keys-only"])?
+            .trim()
+            .is_empty()
+    );
     Ok(())
 }
