@@ -111,30 +111,32 @@ impl Broker {
         Ok(())
     }
 
+    /// The tenant's compaction record as etcd has it now (linearizable): the answer's
+    /// header carries the current revision, and this broker learns the compaction.
+    async fn record(&self, t: &Tenant, md: &MetadataMap) -> Result<PbRangeResponse, Status> {
+        let req = PbRangeRequest {
+            key: t.compaction_key.clone(),
+            ..Default::default()
+        };
+        let resp: PbRangeResponse = t
+            .upstream
+            .unary("/etcdserverpb.KV/Range", request_from(md, req))
+            .await?
+            .into_inner();
+        self.note(&resp.header);
+        t.state
+            .saw_compacted(resp.kvs.first().map_or(0, |kv| decode(&kv.value)));
+        Ok(resp)
+    }
+
     /// The tenant's compacted revision, read from etcd (linearizable).
     pub(crate) async fn compacted_revision(
         &self,
         t: &Tenant,
         md: &MetadataMap,
     ) -> Result<i64, Status> {
-        let resp: PbRangeResponse = t
-            .upstream
-            .unary(
-                "/etcdserverpb.KV/Range",
-                request_from(
-                    md,
-                    PbRangeRequest {
-                        key: t.compaction_key.clone(),
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        let rev = resp.kvs.first().map_or(0, |kv| decode(&kv.value));
-        t.state.saw_compacted(rev);
-        Ok(rev)
+        let resp = self.record(t, md).await?;
+        Ok(resp.kvs.first().map_or(0, |kv| decode(&kv.value)))
     }
 
     /// Refuses a read at `rev` below the tenant's compaction, asking etcd when this broker
@@ -254,27 +256,12 @@ impl Broker {
         rev: i64,
     ) -> Result<PbCompactionResponse, Status> {
         for _ in 0..8 {
-            let resp: PbRangeResponse = t
-                .upstream
-                .unary(
-                    "/etcdserverpb.KV/Range",
-                    request_from(
-                        md,
-                        PbRangeRequest {
-                            key: t.compaction_key.clone(),
-                            ..Default::default()
-                        },
-                    ),
-                )
-                .await?
-                .into_inner();
-            self.note(&resp.header);
+            let resp = self.record(t, md).await?;
             let current = resp.header.as_ref().map_or(0, |h| h.revision);
             let (compacted, seen) = resp
                 .kvs
                 .first()
                 .map_or((0, 0), |kv| (decode(&kv.value), kv.mod_revision));
-            t.state.saw_compacted(compacted);
             // etcd's own order of checks: compacted first, then future.
             if rev <= compacted {
                 return Err(EtcdError::Compacted.into());
