@@ -8,13 +8,28 @@
 //! Range and Txn reads at a revision are guarded inside one etcd Txn (compare the record,
 //! else run the read), so a compaction recorded by another replica is never missed and no
 //! read costs a second round trip. Watches and streamed ranges read the record first.
+//!
+//! A backend marked dedicated to etcd-shim is compacted for real, by one broker replica at
+//! a time (a lease-held seat at the record root), at the lowest revision its tenants have
+//! recorded: no tenant that compacted loses history it has not given up.
 
 use etcd_client::proto::{
     PbCompactionResponse, PbCompare, PbCompareTarget, PbEvent, PbRangeRequest, PbRangeResponse,
     PbTargetUnion, PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse,
 };
-use tonic::Status;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::proto::{
+    PbCompactionRequest, PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseRevokeRequest,
+    PbLeaseRevokeResponse, PbPutRequest,
+};
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+use crate::upstream::Upstream;
 
 use crate::error::EtcdError;
 use crate::upstream::request_from;
@@ -278,13 +293,11 @@ impl Broker {
                     ..Default::default()
                 }],
                 success: vec![PbTxnRequestOp {
-                    request: Some(PbTxnOpRequest::RequestPut(
-                        etcd_client::proto::PbPutRequest {
-                            key: t.compaction_key.clone(),
-                            value: encode(rev),
-                            ..Default::default()
-                        },
-                    )),
+                    request: Some(PbTxnOpRequest::RequestPut(PbPutRequest {
+                        key: t.compaction_key.clone(),
+                        value: encode(rev),
+                        ..Default::default()
+                    })),
                 }],
                 failure: Vec::new(),
             };
@@ -308,6 +321,159 @@ impl Broker {
             "etcd-shim: too many concurrent compactions, try again",
         ))
     }
+}
+
+impl Broker {
+    /// Compacts the backends dedicated to etcd-shim every `interval`, until shutdown.
+    pub async fn compact_dedicated(self, interval: Duration, shutdown: CancellationToken) {
+        let me = replica_id();
+        // The revision each backend was last compacted at, so an unchanged low is skipped.
+        let mut done: HashMap<Arc<str>, i64> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            for (name, upstream) in self.dedicated_backends() {
+                let last = done.get(&name).copied().unwrap_or(0);
+                match self.compact_backend(&upstream, &me, interval, last).await {
+                    Ok(Some(rev)) => {
+                        done.insert(name, rev);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        backend = %name,
+                        error = e.message(),
+                        "compacting a dedicated backend failed; trying again next round"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// One round on one backend: take or keep the seat, then compact at the lowest
+    /// recorded revision if it moved. The revision compacted at, if any.
+    async fn compact_backend(
+        &self,
+        up: &Upstream,
+        me: &str,
+        interval: Duration,
+        last: i64,
+    ) -> Result<Option<i64>, Status> {
+        let root = self.compaction_root().as_bytes().to_vec();
+        if !lead(up, &root, me, interval).await? {
+            return Ok(None);
+        }
+        let records: PbRangeResponse = up
+            .unary(
+                "/etcdserverpb.KV/Range",
+                Request::new(PbRangeRequest {
+                    range_end: crate::rewrite::prefix_end(&root),
+                    key: root.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await?
+            .into_inner();
+        let Some(low) = records
+            .kvs
+            .iter()
+            .filter(|kv| kv.key != root)
+            .map(|kv| decode(&kv.value))
+            .filter(|&r| r > 0)
+            .min()
+        else {
+            return Ok(None);
+        };
+        if low <= last {
+            return Ok(None);
+        }
+        let compact = PbCompactionRequest {
+            revision: low,
+            physical: false,
+        };
+        match up
+            .unary::<_, PbCompactionResponse>("/etcdserverpb.KV/Compact", Request::new(compact))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(revision = low, "compacted a dedicated backend");
+                Ok(Some(low))
+            }
+            // Compacted there already (by an operator, or a replica that held the seat).
+            Err(s) if s.message() == EtcdError::Compacted.to_string() => Ok(Some(low)),
+            Err(s) => Err(s),
+        }
+    }
+}
+
+/// Takes the compactor's seat (the record root's key, held by a lease), or keeps it when
+/// this replica holds it: one replica compacts a backend at a time, and a replica that
+/// dies frees the seat when its lease expires.
+async fn lead(up: &Upstream, seat: &[u8], me: &str, interval: Duration) -> Result<bool, Status> {
+    let ttl = (interval.as_secs() * 3).max(10) as i64;
+    let lease: PbLeaseGrantResponse = up
+        .unary(
+            "/etcdserverpb.Lease/LeaseGrant",
+            Request::new(PbLeaseGrantRequest { ttl, id: 0 }),
+        )
+        .await?
+        .into_inner();
+    let sit = PbTxnRequestOp {
+        request: Some(PbTxnOpRequest::RequestPut(PbPutRequest {
+            key: seat.to_vec(),
+            value: me.as_bytes().to_vec(),
+            lease: lease.id,
+            ..Default::default()
+        })),
+    };
+    let mine = PbCompare {
+        key: seat.to_vec(),
+        result: EQUAL,
+        target: PbCompareTarget::Value as i32,
+        target_union: Some(PbTargetUnion::Value(me.as_bytes().to_vec())),
+        ..Default::default()
+    };
+    let free = PbCompare {
+        key: seat.to_vec(),
+        result: EQUAL,
+        target: PbCompareTarget::Create as i32,
+        target_union: Some(PbTargetUnion::CreateRevision(0)),
+        ..Default::default()
+    };
+    for compare in [mine, free] {
+        let r: PbTxnResponse = up
+            .unary(
+                "/etcdserverpb.KV/Txn",
+                Request::new(PbTxnRequest {
+                    compare: vec![compare],
+                    success: vec![sit.clone()],
+                    failure: Vec::new(),
+                }),
+            )
+            .await?
+            .into_inner();
+        if r.succeeded {
+            // The lease the seat held before has no key left and expires by itself.
+            return Ok(true);
+        }
+    }
+    let _ = up
+        .unary::<_, PbLeaseRevokeResponse>(
+            "/etcdserverpb.Lease/LeaseRevoke",
+            Request::new(PbLeaseRevokeRequest { id: lease.id }),
+        )
+        .await;
+    Ok(false)
+}
+
+/// Tells this broker process from its replicas in the compactor's seat.
+fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{host}/{}/{nanos}", std::process::id())
 }
 
 #[cfg(test)]

@@ -66,6 +66,11 @@ pub struct BackendSpec {
     /// Client TLS material, as mounted file paths.
     #[serde(default)]
     pub tls: Option<BackendTls>,
+    /// The etcd serves etcd-shim alone, so the broker compacts it itself, at the lowest
+    /// revision its tenants have compacted (see `compaction`). Never set this for the
+    /// cluster's own etcd, whose compaction is the cluster's.
+    #[serde(default)]
+    pub dedicated: bool,
 }
 
 /// Paths of a backend's TLS files. Checked to exist when the file is loaded.
@@ -694,6 +699,27 @@ mod tests {
 
     fn check(yaml: &str) -> Result<Plan, ConfigError> {
         ConfigFile::parse(yaml)?.validate(&base())
+    }
+
+    #[test]
+    fn backends_are_shared_unless_marked_dedicated() {
+        let plan = check(
+            r#"
+backends:
+  - name: own
+    endpoints: ["http://10.0.0.5:2379"]
+    dedicated: true
+  - name: main
+    endpoints: ["http://10.0.0.6:2379"]
+"#,
+        )
+        .unwrap();
+        let dedicated: Vec<_> = plan
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.dedicated))
+            .collect();
+        assert_eq!(dedicated, [("own", true), ("main", false)]);
     }
 
     #[test]

@@ -81,6 +81,7 @@ impl Broker {
             },
             upstream,
         )?
+        .with_dedicated_default(cfg.etcd_dedicated)
         .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
         tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
@@ -105,6 +106,16 @@ impl Broker {
     /// Which tenant `id` is, under the config in force; `None` if refused.
     pub fn resolve(&self, id: &auth::Identity) -> Option<Arc<Tenant>> {
         self.inner.tenants.resolve(id)
+    }
+
+    /// The root under which tenants' compactions are recorded.
+    pub(crate) fn compaction_root(&self) -> &str {
+        self.inner.tenants.compaction_root()
+    }
+
+    /// The backends in force that are dedicated to etcd-shim.
+    pub(crate) fn dedicated_backends(&self) -> Vec<(Arc<str>, Arc<Upstream>)> {
+        self.inner.tenants.dedicated_backends()
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -136,6 +136,13 @@ struct Args {
         default_value = "/etcd-shim/compactions/"
     )]
     compaction_prefix: String,
+    /// The etcd of --etcd-endpoints serves etcd-shim alone: the broker compacts it at the
+    /// lowest revision its tenants compacted. Never for the cluster's own etcd.
+    #[arg(long, env = "ETCD_SHIM_BROKER_ETCD_DEDICATED")]
+    etcd_dedicated: bool,
+    /// How often a dedicated backend is compacted (by one broker replica at a time).
+    #[arg(long, env = "ETCD_SHIM_BROKER_DEDICATED_COMPACTION_INTERVAL", default_value = "5m", value_parser = humantime_secs)]
+    dedicated_compaction_interval: Duration,
     /// Client URLs that MemberList reports to clients calling the broker directly.
     #[arg(
         long,
@@ -236,6 +243,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tenant_prefix_root: args.tenant_prefix_root.clone(),
         lease_prefix: args.lease_prefix.clone(),
         compaction_prefix: args.compaction_prefix.clone(),
+        etcd_dedicated: args.etcd_dedicated,
         advertise_client_urls: args.advertise_client_urls.clone(),
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
@@ -279,6 +287,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tokio::spawn(probe_loop(broker.clone(), readiness, shutdown.clone()));
+    tokio::spawn(
+        broker
+            .clone()
+            .compact_dedicated(args.dedicated_compaction_interval, shutdown.token()),
+    );
     let signals = shutdown.clone();
     tokio::spawn(async move { signals.on_signal().await });
 

@@ -41,6 +41,8 @@ pub struct BrokerConfig {
     /// A tenant's compacted revision is recorded at `<compaction_prefix>` followed by its
     /// prefix without the leading `/`.
     pub compaction_prefix: String,
+    /// The etcd of `--etcd-endpoints` serves etcd-shim alone, so the broker compacts it.
+    pub etcd_dedicated: bool,
     /// Client URLs reported by MemberList to clients that call the broker directly.
     pub advertise_client_urls: Vec<String>,
 }
@@ -51,6 +53,7 @@ impl Default for BrokerConfig {
             tenant_prefix_root: "/etcd-shim/tenants/".into(),
             lease_prefix: "/etcd-shim/leases/".into(),
             compaction_prefix: "/etcd-shim/compactions/".into(),
+            etcd_dedicated: false,
             advertise_client_urls: Vec::new(),
         }
     }

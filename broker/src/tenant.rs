@@ -89,6 +89,8 @@ pub struct TenantResolver {
     base: Base,
     /// The backend made from flags; always routable as `default` unless a file redefines it.
     implicit: Arc<Upstream>,
+    /// Whether the backend made from flags is dedicated to etcd-shim.
+    implicit_dedicated: bool,
     current: RwLock<Arc<Routing>>,
     /// Per-tenant limit state; outlives routing tables.
     states: Arc<States>,
@@ -138,6 +140,7 @@ impl TenantResolver {
         Ok(Self {
             base,
             implicit,
+            implicit_dedicated: false,
             current: RwLock::new(Arc::new(routing)),
             states: Arc::default(),
             connector: Connector::default(),
@@ -147,6 +150,31 @@ impl TenantResolver {
     /// Keeps tenant states in `states` (shared with the metrics) from now on.
     pub fn use_states(&mut self, states: Arc<States>) {
         self.states = states;
+    }
+
+    /// Marks the backend made from flags as dedicated to etcd-shim (see `compaction`).
+    pub fn with_dedicated_default(mut self, dedicated: bool) -> Self {
+        self.implicit_dedicated = dedicated;
+        self
+    }
+
+    /// The root under which tenants' compactions are recorded.
+    pub fn compaction_root(&self) -> &str {
+        &self.base.compaction_prefix
+    }
+
+    /// The backends in force that are dedicated to etcd-shim, so the broker compacts them.
+    pub fn dedicated_backends(&self) -> Vec<(Arc<str>, Arc<Upstream>)> {
+        self.routing()
+            .backends
+            .iter()
+            .filter(|b| {
+                b.spec
+                    .as_ref()
+                    .map_or(self.implicit_dedicated, |s| s.dedicated)
+            })
+            .map(|b| (b.name.clone(), b.upstream.clone()))
+            .collect()
     }
 
     /// Reports the credential reloads of config-file backends through `connector`.

@@ -74,3 +74,73 @@ fn a_second_broker_replica_enforces_the_compaction() -> Result<()> {
         bail!("the watch from below the compaction was not cancelled")
     })
 }
+
+/// A backend dedicated to etcd-shim is compacted for real, at the lowest revision its
+/// tenants compacted, so the operator's defragmentation gives the space back.
+#[test]
+fn a_dedicated_backend_is_compacted_at_its_tenants_compaction() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let tokens = [("token-a", TENANT_A)];
+    let flags = ["--etcd-dedicated", "--dedicated-compaction-interval", "1s"];
+    // Two replicas: one of them holds the compactor's seat.
+    let one = Broker::start_with(&[&etcd.url], &tokens, &flags)?;
+    let _two = Broker::start_with(&[&etcd.url], &tokens, &flags)?;
+    let mut pod = Pod::new()?;
+    pod.start_shim(one.port, "token-a")?;
+
+    // History: one key rewritten with large values.
+    let (old, compacted) = pod.run(|| async {
+        let mut c = Client::connect([SHIM], None).await?;
+        let value = vec![b'x'; 64 * 1024];
+        let old = c
+            .put("big", value.clone(), None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+        for _ in 0..60 {
+            c.put("big", value.clone(), None).await?;
+        }
+        let now = c
+            .get("big", None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+        c.compact(now, None).await?;
+        Ok((old, now))
+    })?;
+
+    let url = etcd.url.clone();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut c = Client::connect([url], None).await?;
+        let before = c.status().await?.db_size();
+        // etcd itself is compacted at the tenant's revision, not beyond it.
+        let key = "/etcd-shim/tenants/team-a/app/big";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match c.get(key, Some(GetOptions::new().with_revision(old))).await {
+                Err(Error::GRpcStatus(s)) if s.message() == COMPACTED => break,
+                Ok(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                }
+                other => bail!("etcd was not compacted for the dedicated backend: {other:?}"),
+            }
+        }
+        let at = c
+            .get(key, Some(GetOptions::new().with_revision(compacted)))
+            .await?;
+        ensure!(
+            at.kvs().len() == 1,
+            "the tenant's compaction revision is gone from etcd"
+        );
+        // The operator's defragmentation now gives the history's space back.
+        c.defragment().await?;
+        let after = c.status().await?.db_size();
+        ensure!(
+            after < before / 2,
+            "db size {before} before defragmentation, {after} after"
+        );
+        Ok(())
+    })
+}
