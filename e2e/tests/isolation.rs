@@ -16,7 +16,7 @@ use etcd_client::{
     LeaseTimeToLiveOptions, LockOptions, ProclaimOptions, PutOptions, ResignOptions, SortOrder,
     SortTarget, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream,
 };
-use etcd_shim_e2e::{PREFIX_A, PREFIX_B, Pod, TwoTenants, run_bounded};
+use etcd_shim_e2e::{PREFIX_A, PREFIX_B, Pod, TwoTenants, run_bounded, wait_for};
 use tonic::Code;
 
 /// Where pod-local clients find their shim.
@@ -1813,12 +1813,22 @@ fn a_shim_with_a_wrong_token_gets_nothing() -> Result<()> {
     let before = dump(&fx.env)?;
     let mut pod = Pod::new()?;
     std::fs::write(pod.token_file(), "not-a-known-token")?;
-    // The shim is ready: the broker's health check does not need a valid token.
-    pod.start_shim_with(&[
+    // The shim is not ready, and says why: the broker refuses its token.
+    pod.spawn_shim(&[
         "--broker",
         &format!("http://{}:{}", pod.host_ip, fx.env.broker.port),
         "--broker-insecure-plaintext",
     ])?;
+    let why = wait_for(
+        "the shim to report why it is not ready",
+        Duration::from_secs(20),
+        || {
+            pod.shim_readiness()
+                .ok()
+                .filter(|(code, body)| *code == 503 && body.contains("refused the pod's token"))
+        },
+    )?;
+    println!("readiness with a refused token: {}", why.1.trim());
     in_pod(&pod, |mut c| async move {
         let u = |what: &str, r: std::result::Result<(), Error>| {
             expect_status(what, r, Code::Unauthenticated, INVALID_TOKEN)
@@ -1896,6 +1906,13 @@ fn a_shim_with_a_wrong_token_gets_nothing() -> Result<()> {
         dump(&fx.env)? == before,
         "an unauthenticated caller changed etcd"
     );
+    // Once the broker accepts its (rotated) token, the shim is ready within seconds.
+    std::fs::write(pod.token_file(), "token-a")?;
+    wait_for(
+        "the shim to be ready with an accepted token",
+        Duration::from_secs(10),
+        || pod.shim_readiness().ok().filter(|(code, _)| *code == 200),
+    )?;
     Ok(())
 }
 

@@ -175,10 +175,49 @@ pub fn status_of(headers: &HeaderMap) -> Option<u16> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The `grpc-message` of a response, percent-decoded (empty when there is none).
+pub fn message_of(headers: &HeaderMap) -> String {
+    let raw = headers
+        .get("grpc-message")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            raw[i],
+            raw.get(i + 1).copied().and_then(hex),
+            raw.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn messages_are_percent_decoded() {
+        let mut h = HeaderMap::new();
+        assert_eq!(message_of(&h), "");
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_str(&percent_encode("etcdserver: 100% down\n")).unwrap(),
+        );
+        assert_eq!(message_of(&h), "etcdserver: 100% down\n");
+    }
 
     #[test]
     fn framing() {

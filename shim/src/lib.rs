@@ -166,42 +166,74 @@ impl Forwarder {
         }
     }
 
-    /// Asks the broker's gRPC health service whether it serves, with the pod's token.
+    /// Makes one authenticated call that the broker answers only for an admitted tenant:
+    /// a serializable, count-only Range of the tenant's key `health` (what the apiserver's
+    /// own etcd check reads). So the pod is ready only when it can really use etcd: the
+    /// broker accepts its token, admits its tenant, and reaches etcd.
     pub async fn probe(&self) -> Result<(), String> {
         let token = self.inner.token.current().map_err(|e| e.to_string())?;
         let uri = self
-            .uri(Some(&PathAndQuery::from_static(
-                "/grpc.health.v1.Health/Check",
-            )))
+            .uri(Some(&PathAndQuery::from_static("/etcdserverpb.KV/Range")))
             .map_err(|e| e.to_string())?;
-        // An empty HealthCheckRequest (service "") is a zero-length message.
         let req = Request::post(uri)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header("te", "trailers")
             .header(http::header::AUTHORIZATION, token)
-            .body(Full::new(grpc::frame(&[])))
+            .body(Full::new(grpc::frame(PROBE_RANGE)))
             .map_err(|e| e.to_string())?;
         let resp =
             tokio::time::timeout(Duration::from_secs(3), self.inner.probe_client.request(req))
                 .await
                 .map_err(|_| "broker did not answer within 3s".to_string())?
                 .map_err(|e| format!("broker unreachable: {}", error_chain(&e)))?;
-        if let Some(code) = grpc::status_of(resp.headers()) {
-            return if code == 0 {
-                Ok(())
-            } else {
-                Err(format!("broker health: grpc-status {code}"))
-            };
-        }
-        let collected = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("broker health: {e}"))?;
-        match collected.trailers().and_then(grpc::status_of) {
-            Some(0) => Ok(()),
-            other => Err(format!("broker health: grpc-status {other:?}")),
-        }
+        let (code, message): (u16, String) = match grpc::status_of(resp.headers()) {
+            Some(code) => (code, grpc::message_of(resp.headers())),
+            None => {
+                let collected = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("broker: {e}"))?;
+                let trailers = collected.trailers();
+                (
+                    trailers.and_then(grpc::status_of).unwrap_or(2),
+                    trailers.map(grpc::message_of).unwrap_or_default(),
+                )
+            }
+        };
+        probe_verdict(code, &message)
+    }
+}
+
+/// `RangeRequest { key: "health", serializable: true, count_only: true }`, encoded by hand
+/// (fields 1, 7 and 9 of etcd's message): the shim relays bytes and has no etcd types.
+const PROBE_RANGE: &[u8] = b"\x0a\x06health\x38\x01\x48\x01";
+
+/// Whether a probe's gRPC status means the pod can use etcd, and if not, why. A tenant
+/// over its rate limit is still admitted, so it stays ready rather than flapping.
+fn probe_verdict(code: u16, message: &str) -> Result<(), String> {
+    match code {
+        0 | 8 => Ok(()),
+        16 => Err(format!("the broker refused the pod's token: {message}")),
+        7 => Err(format!("the broker does not admit this tenant: {message}")),
+        14 => Err(format!("the broker cannot serve: {message}")),
+        c => Err(format!("the broker answered grpc-status {c}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::probe_verdict;
+
+    #[test]
+    fn only_an_admitted_tenant_is_ready() {
+        assert!(probe_verdict(0, "").is_ok());
+        // Throttled, but admitted: readiness must not flap with the rate limit.
+        assert!(probe_verdict(8, "etcdserver: too many requests").is_ok());
+        let why = |c, m| probe_verdict(c, m).unwrap_err();
+        assert!(why(16, "etcdserver: invalid auth token").contains("refused the pod's token"));
+        assert!(why(7, "etcdserver: permission denied").contains("does not admit"));
+        assert!(why(14, "etcd is unreachable").contains("cannot serve"));
     }
 }
 

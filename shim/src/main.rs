@@ -170,7 +170,8 @@ fn broker_dialer(args: &Args) -> anyhow::Result<(Endpoints, Dialer)> {
     ))
 }
 
-/// Ready means: a token is at hand and the broker answers its health check.
+/// Ready means: a token is at hand, and the broker answers an etcd call made with it for
+/// this pod's tenant (see `Forwarder::probe`).
 async fn readiness_loop(
     forwarder: Forwarder,
     token: TokenSource,
@@ -186,8 +187,8 @@ async fn readiness_loop(
         let res = forwarder.probe().await;
         if last.as_ref().map(|l| l.is_ok()) != Some(res.is_ok()) {
             match &res {
-                Ok(()) => tracing::info!("broker reachable"),
-                Err(e) => tracing::warn!(error = %e, "broker not reachable"),
+                Ok(()) => tracing::info!("ready: the broker serves this pod"),
+                Err(e) => tracing::warn!(reason = %e, "not ready"),
             }
         }
         readiness.set("broker", res.clone());
