@@ -29,6 +29,9 @@ func (e *env) increaseRV() storagetesting.IncreaseRVFunc {
 	return func(ctx context.Context, t *testing.T) { e.putIncreaseRV(ctx, t) }
 }
 
+// cacherPrefix is the watch cache's resource prefix: its key function adds the "/" itself.
+const cacherPrefix = "/pods"
+
 func newKVRecorder(kv clientv3.KV, _ *storagetesting.KubernetesRecorder) *storagetesting.KVRecorder {
 	return storagetesting.NewKVRecorder(kv)
 }

@@ -41,6 +41,9 @@ func (s *swappableStore) UpdateTransformer(modifier storagetesting.TransformerMo
 
 func (e *env) increaseRV() storagetesting.IncreaseRVFunc { return e.putIncreaseRV }
 
+// cacherPrefix is the watch cache's resource prefix: its key function wants the trailing "/".
+const cacherPrefix = "/pods/"
+
 func newKVRecorder(kv clientv3.KV, lists *storagetesting.KubernetesRecorder) *storagetesting.KVRecorder {
 	return storagetesting.NewKVRecorder(kv, lists)
 }
