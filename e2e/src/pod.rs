@@ -181,6 +181,24 @@ impl Pod {
         })?
     }
 
+    /// Starts a shim with a token the broker refuses, and waits until it says so: it stays
+    /// unready, with the reason in `/ready`, which this returns.
+    pub fn start_refused_shim(&mut self, broker_port: u16, token: &str) -> Result<String> {
+        std::fs::write(self.token_file(), token)?;
+        let broker = format!("http://{}:{broker_port}", self.host_ip);
+        self.spawn_shim(&["--broker", &broker, "--broker-insecure-plaintext"])?;
+        let (_, why) = wait_for(
+            "the shim to report the refused token",
+            Duration::from_secs(20),
+            || {
+                self.shim_readiness()
+                    .ok()
+                    .filter(|(code, body)| *code == 503 && body.contains("refused the pod's token"))
+            },
+        )?;
+        Ok(why)
+    }
+
     /// The shim's `/ready` answer: status code and body (the failing conditions).
     pub fn shim_readiness(&self) -> Result<(u16, String)> {
         in_netns(&self.name, || http_get("127.0.0.1:9379", "/ready"))?

@@ -223,7 +223,7 @@ fn token_rotated_by_symlink_swap_drops_no_call() -> Result<()> {
     // And the old token really is refused now: a second pod still holding it gets
     // etcd's "invalid auth token".
     let mut stale = Pod::new()?;
-    stale.start_shim(broker.port, &old_key.token("rot", "app")?)?;
+    stale.start_refused_shim(broker.port, &old_key.token("rot", "app")?)?;
     let out = stale.etcdctl(&["get", "load/0"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -1812,23 +1812,9 @@ fn a_shim_with_a_wrong_token_gets_nothing() -> Result<()> {
     let fx = Fixture::start()?;
     let before = dump(&fx.env)?;
     let mut pod = Pod::new()?;
-    std::fs::write(pod.token_file(), "not-a-known-token")?;
     // The shim is not ready, and says why: the broker refuses its token.
-    pod.spawn_shim(&[
-        "--broker",
-        &format!("http://{}:{}", pod.host_ip, fx.env.broker.port),
-        "--broker-insecure-plaintext",
-    ])?;
-    let why = wait_for(
-        "the shim to report why it is not ready",
-        Duration::from_secs(20),
-        || {
-            pod.shim_readiness()
-                .ok()
-                .filter(|(code, body)| *code == 503 && body.contains("refused the pod's token"))
-        },
-    )?;
-    println!("readiness with a refused token: {}", why.1.trim());
+    let why = pod.start_refused_shim(fx.env.broker.port, "not-a-known-token")?;
+    println!("readiness with a refused token: {}", why.trim());
     in_pod(&pod, |mut c| async move {
         let u = |what: &str, r: std::result::Result<(), Error>| {
             expect_status(what, r, Code::Unauthenticated, INVALID_TOKEN)

@@ -35,7 +35,7 @@ fn metrics_count_real_traffic_and_pass_promtool() -> Result<()> {
 
     // A pod whose token the broker does not know.
     let mut stranger = Pod::new()?;
-    stranger.start_shim(env.broker.port, "not-a-known-token")?;
+    stranger.start_refused_shim(env.broker.port, "not-a-known-token")?;
     let refused = stranger.etcdctl(&["get", "x"])?;
     assert!(String::from_utf8_lossy(&refused.stderr).contains("etcdserver: invalid auth token"));
 
@@ -106,9 +106,16 @@ fn metrics_count_real_traffic_and_pass_promtool() -> Result<()> {
     .unwrap_or(0.0);
     assert!(refused >= 1.0, "{stranger_metrics}");
     let broker = env.broker.metrics()?;
+    // The stranger's readiness probes (Alarm GET) are refused and counted too.
+    let probes = sample(
+        &broker,
+        r#"etcd_broker_requests_total{tenant="none",service="Maintenance",method="Alarm",code="Unauthenticated"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(probes >= 1.0, "{broker}");
     assert_eq!(
         sample(&broker, "etcd_broker_auth_failures_total"),
-        Some(refused),
+        Some(refused + probes),
         "{broker}"
     );
     assert_eq!(
