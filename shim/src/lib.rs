@@ -221,22 +221,6 @@ fn probe_verdict(code: u16, message: &str) -> Result<(), String> {
     }
 }
 
-#[cfg(test)]
-mod probe_tests {
-    use super::probe_verdict;
-
-    #[test]
-    fn only_an_admitted_tenant_is_ready() {
-        assert!(probe_verdict(0, "").is_ok());
-        // Throttled, but admitted: readiness must not flap with the rate limit.
-        assert!(probe_verdict(8, "etcdserver: too many requests").is_ok());
-        let why = |c, m| probe_verdict(c, m).unwrap_err();
-        assert!(why(16, "etcdserver: invalid auth token").contains("refused the pod's token"));
-        assert!(why(7, "etcdserver: permission denied").contains("does not admit"));
-        assert!(why(14, "etcd is unreachable").contains("cannot serve"));
-    }
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -344,4 +328,20 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::probe_verdict;
+
+    #[test]
+    fn only_an_admitted_tenant_is_ready() {
+        assert!(probe_verdict(0, "").is_ok());
+        // Throttled, but admitted: readiness must not flap with the rate limit.
+        assert!(probe_verdict(8, "etcdserver: too many requests").is_ok());
+        let why = |c, m| probe_verdict(c, m).unwrap_err();
+        assert!(why(16, "etcdserver: invalid auth token").contains("refused the pod's token"));
+        assert!(why(7, "etcdserver: permission denied").contains("does not admit"));
+        assert!(why(14, "etcd is unreachable").contains("cannot serve"));
+    }
 }
