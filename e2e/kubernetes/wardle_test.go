@@ -459,14 +459,7 @@ func wardleFailover(t *testing.T, a, b *wardle, podB *pod, brokers []*broker) {
 		t.Fatalf("the other broker has %v watch streams open (%v): the watch did not move to it", n, err)
 	}
 	waitFor(t, "wardle's etcd check to pass through the other broker", 15*time.Second, func() error {
-		body, code, err := a.get(t.Context(), "/readyz/etcd")
-		if err != nil {
-			return err
-		}
-		if code != http.StatusOK {
-			return fmt.Errorf("/readyz/etcd: %d %s", code, body)
-		}
-		return nil
+		return a.getOK(t.Context(), "/readyz/etcd")
 	})
 }
 
@@ -547,14 +540,7 @@ func (w *wardle) waitReady(t *testing.T) {
 			}
 			w.client = c
 		}
-		body, code, err := w.get(t.Context(), "/readyz?verbose")
-		if err != nil {
-			return err
-		}
-		if code != http.StatusOK {
-			return fmt.Errorf("/readyz: %d\n%s", code, body)
-		}
-		return nil
+		return w.getOK(t.Context(), "/readyz?verbose")
 	})
 }
 
@@ -646,6 +632,18 @@ func (w *wardle) do(ctx context.Context, method, path string, body, out any) (in
 }
 
 // get is a GET of a plain-text path (the health checks).
+// getOK is nil when GET path answers 200, else an error with the status and body.
+func (w *wardle) getOK(ctx context.Context, path string) error {
+	body, code, err := w.get(ctx, path)
+	if err != nil {
+		return err
+	}
+	if code != http.StatusOK {
+		return fmt.Errorf("%s: %d\n%s", path, code, body)
+	}
+	return nil
+}
+
 func (w *wardle) get(ctx context.Context, path string) (string, int, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
