@@ -1,5 +1,5 @@
-//! KV: Range, Put, DeleteRange, Txn under the tenant prefix; Compact is absorbed because
-//! compaction is cluster-wide.
+//! KV: Range, Put, DeleteRange, Txn under the tenant prefix, with lease IDs in the
+//! tenant's terms (see `leaseid`); Compact is the tenant's own (see `compaction`).
 
 use crate::metrics::Call;
 
@@ -8,13 +8,16 @@ use etcd_client::proto::{
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
     PbTxnRequest, PbTxnResponse,
 };
+use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
+
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
 use crate::limits::{Class, Reservation};
 use crate::upstream::request_from;
-use crate::{Broker, quota, rewrite};
+use crate::{Broker, Tenant, quota, rewrite};
 
 const SERVICE: &str = "KV";
 
@@ -35,6 +38,7 @@ impl PbKvService for Broker {
             self.note(&resp.header);
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
             self.check_stripped(&t, "Range", s);
+            t.lease_ids.kvs(&mut resp.kvs);
             Ok(Response::new(resp))
         }
         .await;
@@ -76,6 +80,7 @@ impl PbKvService for Broker {
                         broker.note(&resp.header);
                         let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
                         broker.check_stripped(&t, "RangeStream", s);
+                        t.lease_ids.kvs(&mut resp.kvs);
                     }
                     chunk
                 },
@@ -92,48 +97,9 @@ impl PbKvService for Broker {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "Put")?;
             let md = req.metadata().clone();
-            let mut r = req.into_inner();
-            rewrite::put_request(&t.prefix, &mut r)?;
-            if r.lease != 0 && !self.owns_lease(&t, r.lease).await? {
-                return Err(self.deny(Some(&t), "Put", EtcdError::LeaseNotFound));
-            }
-            let pl = t.prefix.as_bytes().len();
-            let resv = self
-                .reserve(
-                    &t,
-                    "Put",
-                    quota::put_worst(pl, &r),
-                    || vec![r.key.clone()],
-                    |old| quota::put_exact(pl, &r, old.get(&r.key).copied()),
-                )
-                .await?;
-            // etcd's prev_kv tells what the put replaced; the client gets it only if asked.
-            let (asked, size, ignore_value) = (
-                r.prev_kv,
-                quota::size(pl, &r.key, r.value.len()),
-                r.ignore_value,
-            );
-            r.prev_kv |= resv.tracks();
-            let mut resp: PbPutResponse = match t
-                .upstream
-                .unary("/etcdserverpb.KV/Put", request_from(&md, r))
+            self.put_as(&t, &md, req.into_inner(), "Put")
                 .await
-            {
-                Ok(resp) => resp.into_inner(),
-                Err(e) => {
-                    resv.release();
-                    return Err(e);
-                }
-            };
-            self.note(&resp.header);
-            if resv.tracks() {
-                let d = quota::put_settle(pl, size, ignore_value, asked, &mut resp);
-                resv.settle(revision(&resp.header), d);
-                self.refresh_soon(&t);
-            }
-            let s = rewrite::put_response(&t.prefix, &mut resp.header, &mut resp.prev_kv);
-            self.check_stripped(&t, "Put", s);
-            Ok(Response::new(resp))
+                .map(Response::new)
         }
         .await;
         self.metrics().observe(SERVICE, "Put", &call, &res);
@@ -174,6 +140,7 @@ impl PbKvService for Broker {
             }
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.prev_kvs);
             self.check_stripped(&t, "DeleteRange", s);
+            t.lease_ids.kvs(&mut resp.prev_kvs);
             Ok(Response::new(resp))
         }
         .await;
@@ -189,49 +156,9 @@ impl PbKvService for Broker {
             let class = if writes { Class::Write } else { Class::Read };
             let _permit = self.admit(&t, class, "Txn")?;
             let md = req.metadata().clone();
-            let mut r = req.into_inner();
-            rewrite::txn_request(&t.prefix, &mut r)?;
-            let mut leases = Vec::new();
-            rewrite::txn_leases(&r, &mut leases);
-            for lease in leases {
-                if !self.owns_lease(&t, lease).await? {
-                    return Err(self.deny(Some(&t), "Txn", EtcdError::LeaseNotFound));
-                }
-            }
-            let pl = t.prefix.as_bytes().len();
-            let resv = if writes {
-                self.reserve(
-                    &t,
-                    "Txn",
-                    quota::txn_worst(pl, &r),
-                    || {
-                        let mut keys = Vec::new();
-                        quota::txn_put_keys(&r, &mut keys);
-                        keys
-                    },
-                    |old| quota::txn_exact(pl, &r, old),
-                )
-                .await?
-            } else {
-                Reservation::none()
-            };
-            let asked = resv.tracks().then(|| quota::txn_ask_prev(pl, &mut r));
-            let mut resp = match self.guarded_txn(&t, &md, r).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    resv.release();
-                    return Err(e);
-                }
-            };
-            self.note(&resp.header);
-            if let Some(asked) = &asked {
-                let d = quota::txn_settle(pl, asked, &mut resp);
-                resv.settle(revision(&resp.header), d);
-                self.refresh_soon(&t);
-            }
-            let s = rewrite::txn_response(&t.prefix, &mut resp);
-            self.check_stripped(&t, "Txn", s);
-            Ok(Response::new(resp))
+            self.txn_as(&t, &md, req.into_inner(), "Txn")
+                .await
+                .map(Response::new)
         }
         .await;
         self.metrics().observe(SERVICE, "Txn", &call, &res);
@@ -265,8 +192,139 @@ fn revision(h: &Option<etcd_client::proto::PbResponseHeader>) -> i64 {
 }
 
 impl Broker {
+    /// Put, as the tenant asked it (keys and leases in its terms), under `method`'s name
+    /// in refusals; the caller has admitted it.
+    pub(crate) async fn put_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        mut r: PbPutRequest,
+        method: &'static str,
+    ) -> Result<PbPutResponse, Status> {
+        rewrite::put_request(&t.prefix, &mut r)?;
+        if r.lease != 0 {
+            r.lease = self.real_lease(t, method, r.lease).await?;
+        }
+        let pl = t.prefix.as_bytes().len();
+        let resv = self
+            .reserve(
+                t,
+                method,
+                quota::put_worst(pl, &r),
+                || vec![r.key.clone()],
+                |old| quota::put_exact(pl, &r, old.get(&r.key).copied()),
+            )
+            .await?;
+        // etcd's prev_kv tells what the put replaced; the client gets it only if asked.
+        let (asked, size, ignore_value) = (
+            r.prev_kv,
+            quota::size(pl, &r.key, r.value.len()),
+            r.ignore_value,
+        );
+        r.prev_kv |= resv.tracks();
+        let mut resp: PbPutResponse = match t
+            .upstream
+            .unary("/etcdserverpb.KV/Put", request_from(md, r))
+            .await
+        {
+            Ok(resp) => resp.into_inner(),
+            Err(e) => {
+                resv.release();
+                return Err(e);
+            }
+        };
+        self.note(&resp.header);
+        if resv.tracks() {
+            let d = quota::put_settle(pl, size, ignore_value, asked, &mut resp);
+            resv.settle(revision(&resp.header), d);
+            self.refresh_soon(t);
+        }
+        let s = rewrite::put_response(&t.prefix, &mut resp.header, &mut resp.prev_kv);
+        self.check_stripped(t, method, s);
+        t.lease_ids.kvs(resp.prev_kv.as_mut_slice());
+        Ok(resp)
+    }
+
+    /// Txn, as the tenant asked it, under `method`'s name in refusals; the caller has
+    /// admitted it.
+    pub(crate) async fn txn_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        mut r: PbTxnRequest,
+        method: &'static str,
+    ) -> Result<PbTxnResponse, Status> {
+        let writes = quota::txn_writes(&r);
+        rewrite::txn_request(&t.prefix, &mut r)?;
+        let mut leases = Vec::new();
+        rewrite::txn_leases(&mut r, &mut leases);
+        for lease in leases {
+            *lease = self.real_lease(t, method, *lease).await?;
+        }
+        let pl = t.prefix.as_bytes().len();
+        let resv = if writes {
+            self.reserve(
+                t,
+                method,
+                quota::txn_worst(pl, &r),
+                || {
+                    let mut keys = Vec::new();
+                    quota::txn_put_keys(&r, &mut keys);
+                    keys
+                },
+                |old| quota::txn_exact(pl, &r, old),
+            )
+            .await?
+        } else {
+            Reservation::none()
+        };
+        let asked = resv.tracks().then(|| quota::txn_ask_prev(pl, &mut r));
+        let mut resp = match self.guarded_txn(t, md, r).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                resv.release();
+                return Err(e);
+            }
+        };
+        self.note(&resp.header);
+        if let Some(asked) = &asked {
+            let d = quota::txn_settle(pl, asked, &mut resp);
+            resv.settle(revision(&resp.header), d);
+            self.refresh_soon(t);
+        }
+        let s = rewrite::txn_response(&t.prefix, &mut resp);
+        self.check_stripped(t, method, s);
+        t.lease_ids.txn(&mut resp);
+        Ok(resp)
+    }
+
+    /// The real lease the tenant means by `seen`, if it owns it: read under the current
+    /// secret, then under earlier ones. Anything else is a lease etcd does not know.
+    pub(crate) async fn real_lease(
+        &self,
+        t: &Tenant,
+        method: &'static str,
+        seen: i64,
+    ) -> Result<i64, Status> {
+        match self.owned_lease(t, seen).await? {
+            Some(real) => Ok(real),
+            None => Err(self.deny(Some(t), method, EtcdError::LeaseNotFound)),
+        }
+    }
+
+    /// [`Broker::real_lease`] without the refusal: `None` when the tenant owns no such
+    /// lease.
+    pub(crate) async fn owned_lease(&self, t: &Tenant, seen: i64) -> Result<Option<i64>, Status> {
+        for real in t.lease_ids.candidates(seen) {
+            if self.owns_lease(t, real).await? {
+                return Ok(Some(real));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether the tenant owns the lease (false for leases of others and for missing ones).
-    pub(crate) async fn owns_lease(&self, t: &crate::Tenant, id: i64) -> Result<bool, Status> {
+    pub(crate) async fn owns_lease(&self, t: &Tenant, id: i64) -> Result<bool, Status> {
         self.inner.leases.owns(t, id).await
     }
 }

@@ -1,5 +1,9 @@
 //! Lease: grants are recorded as owned by the tenant; every other call on a lease the
 //! tenant does not own behaves exactly as etcd does for a lease that does not exist.
+//! IDs cross in the tenant's terms both ways (see `leaseid`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::metrics::Call;
 
@@ -12,14 +16,18 @@ use etcd_client::proto::{
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::EtcdError;
 use crate::limits::Class;
 use crate::upstream::request_from;
-use crate::{Broker, rewrite};
+use crate::{Broker, Tenant, rewrite};
 
 const SERVICE: &str = "Lease";
+
+/// Bound on the IDs one keep-alive stream remembers; past it, answers fall back to the
+/// current secret's IDs.
+const KEEPALIVE_IDS_MAX: usize = 10_000;
 
 #[tonic::async_trait]
 impl PbLeaseService for Broker {
@@ -32,33 +40,9 @@ impl PbLeaseService for Broker {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "LeaseGrant")?;
             let md = req.metadata().clone();
-            let r = req.into_inner();
-            // A chosen id could collide with, and so reveal, another tenant's lease.
-            if r.id != 0 {
-                return Err(self.deny(Some(&t), "LeaseGrant", EtcdError::PermissionDenied));
-            }
-            let slot = self.lease_slot(&t).await?;
-            let mut resp: PbLeaseGrantResponse = t
-                .upstream
-                .unary("/etcdserverpb.Lease/LeaseGrant", request_from(&md, r))
-                .await?
-                .into_inner();
-            self.note(&resp.header);
-            if let Err(e) = self.inner.leases.record(&t, resp.id).await {
-                // Without its record the lease would be unusable: give it back.
-                let revoke = PbLeaseRevokeRequest { id: resp.id };
-                let _ = t
-                    .upstream
-                    .unary::<_, PbLeaseRevokeResponse>(
-                        "/etcdserverpb.Lease/LeaseRevoke",
-                        Request::new(revoke),
-                    )
-                    .await;
-                return Err(e);
-            }
-            slot.keep();
-            rewrite::scrub_header(&mut resp.header);
-            Ok(Response::new(resp))
+            self.grant_as(&t, &md, req.into_inner())
+                .await
+                .map(Response::new)
         }
         .await;
         self.metrics().observe(SERVICE, "LeaseGrant", &call, &res);
@@ -74,11 +58,9 @@ impl PbLeaseService for Broker {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Write, "LeaseRevoke")?;
             let md = req.metadata().clone();
-            let r = req.into_inner();
-            let id = r.id;
-            if !self.owns_lease(&t, id).await? {
-                return Err(self.deny(Some(&t), "LeaseRevoke", EtcdError::LeaseNotFound));
-            }
+            let mut r = req.into_inner();
+            let id = self.real_lease(&t, "LeaseRevoke", r.id).await?;
+            r.id = id;
             let mut resp: PbLeaseRevokeResponse = t
                 .upstream
                 .unary("/etcdserverpb.Lease/LeaseRevoke", request_from(&md, r))
@@ -110,18 +92,30 @@ impl PbLeaseService for Broker {
 
         // Requests: owned leases go to etcd; for any other id, answer as etcd does for a
         // missing lease (TTL 0) without asking it.
+        // The ID each real lease was last kept alive by, so that answers carry the ID the
+        // client sent (one learnt before a secret rotation included).
+        let sent: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
         let broker = self.clone();
         let tenant = t.clone();
         let local_tx = tx.clone();
+        let asked = sent.clone();
         tokio::spawn(async move {
-            while let Some(Ok(msg)) = downstream.next().await {
-                match broker.owns_lease(&tenant, msg.id).await {
-                    Ok(true) => {
+            while let Some(Ok(mut msg)) = downstream.next().await {
+                match broker.owned_lease(&tenant, msg.id).await {
+                    Ok(Some(real)) => {
+                        {
+                            let mut asked = asked.lock().unwrap_or_else(|e| e.into_inner());
+                            if asked.len() >= KEEPALIVE_IDS_MAX {
+                                asked.clear();
+                            }
+                            asked.insert(real, msg.id);
+                        }
+                        msg.id = real;
                         if up_tx.send(msg).await.is_err() {
                             break;
                         }
                     }
-                    Ok(false) => {
+                    Ok(None) => {
                         broker.metrics().denied("foreign_lease");
                         let resp = PbLeaseKeepAliveResponse {
                             header: broker.synthetic_header(),
@@ -181,6 +175,12 @@ impl PbLeaseService for Broker {
                     Ok(Some(mut resp)) => {
                         broker.note(&resp.header);
                         rewrite::scrub_header(&mut resp.header);
+                        let known = sent
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&resp.id)
+                            .copied();
+                        resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
                         if tx.send(Ok(resp)).await.is_err() {
                             break;
                         }
@@ -206,8 +206,9 @@ impl PbLeaseService for Broker {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             let _permit = self.admit(&t, Class::Read, "LeaseTimeToLive")?;
             let md = req.metadata().clone();
-            let r = req.into_inner();
-            if !self.owns_lease(&t, r.id).await? {
+            let mut r = req.into_inner();
+            let seen = r.id;
+            let Some(real) = self.owned_lease(&t, seen).await? else {
                 self.metrics().denied("foreign_lease");
                 // etcd answers a missing lease with TTL -1, not an error.
                 return Ok(Response::new(PbLeaseTimeToLiveResponse {
@@ -217,7 +218,8 @@ impl PbLeaseService for Broker {
                     granted_ttl: 0,
                     keys: Vec::new(),
                 }));
-            }
+            };
+            r.id = real;
             let mut resp: PbLeaseTimeToLiveResponse = t
                 .upstream
                 .unary("/etcdserverpb.Lease/LeaseTimeToLive", request_from(&md, r))
@@ -225,6 +227,7 @@ impl PbLeaseService for Broker {
                 .into_inner();
             self.note(&resp.header);
             rewrite::scrub_header(&mut resp.header);
+            resp.id = seen;
             // The ownership record is the broker's, not the tenant's: hide it quietly.
             resp.keys.retain(|k| !t.lease_prefix.contains(k));
             let s = rewrite::strip_keys(&t.prefix, &mut resp.keys);
@@ -265,7 +268,9 @@ impl PbLeaseService for Broker {
                 .filter_map(|kv| t.lease_prefix.strip(&kv.key))
                 .filter_map(|hex| std::str::from_utf8(hex).ok())
                 .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
-                .map(|id| PbLeaseStatus { id: id as i64 })
+                .map(|id| PbLeaseStatus {
+                    id: t.lease_ids.seen(id as i64),
+                })
                 .collect();
             let mut header = resp.header;
             rewrite::scrub_header(&mut header);
@@ -274,5 +279,44 @@ impl PbLeaseService for Broker {
         .await;
         self.metrics().observe(SERVICE, "LeaseLeases", &call, &res);
         res
+    }
+}
+
+impl Broker {
+    /// LeaseGrant as the tenant asked it, the ID in its terms both ways; the caller has
+    /// admitted it. Lock and Campaign grant their sessions' leases through it too.
+    pub(crate) async fn grant_as(
+        &self,
+        t: &Tenant,
+        md: &MetadataMap,
+        mut r: PbLeaseGrantRequest,
+    ) -> Result<PbLeaseGrantResponse, Status> {
+        // A chosen ID is one in the tenant's terms. Taken by anyone, etcd refuses it as
+        // it refuses any taken ID; as the tenant's IDs are keyed, that tells nothing
+        // about whose it is.
+        r.id = t.lease_ids.real(r.id);
+        let slot = self.lease_slot(t).await?;
+        let mut resp: PbLeaseGrantResponse = t
+            .upstream
+            .unary("/etcdserverpb.Lease/LeaseGrant", request_from(md, r))
+            .await?
+            .into_inner();
+        self.note(&resp.header);
+        if let Err(e) = self.inner.leases.record(t, resp.id).await {
+            // Without its record the lease would be unusable: give it back.
+            let revoke = PbLeaseRevokeRequest { id: resp.id };
+            let _ = t
+                .upstream
+                .unary::<_, PbLeaseRevokeResponse>(
+                    "/etcdserverpb.Lease/LeaseRevoke",
+                    Request::new(revoke),
+                )
+                .await;
+            return Err(e);
+        }
+        slot.keep();
+        resp.id = t.lease_ids.seen(resp.id);
+        rewrite::scrub_header(&mut resp.header);
+        Ok(resp)
     }
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod jwt;
+pub mod leaseid;
 pub mod metrics;
 pub mod reload;
 pub mod rewrite;
@@ -79,6 +80,7 @@ impl Broker {
                 lease_prefix: cfg.lease_prefix.clone(),
                 compaction_prefix: cfg.compaction_prefix.clone(),
             },
+            cfg.lease_secrets.clone(),
             upstream,
         )?
         .with_dedicated_default(cfg.etcd_dedicated)

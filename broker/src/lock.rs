@@ -3,26 +3,37 @@
 //! the messages are declared here from etcd's documented field numbers and the services
 //! are routed by hand.
 //!
-//! Lock and election names are keys: they get the tenant prefix, returned keys are
-//! stripped, and a lease named by a request must be the tenant's own.
+//! Both are served by the broker itself on top of the tenant's KV, with the recipes of
+//! etcd's own servers (etcd's servers would write the real lease IDs into key names and
+//! grant leases the broker never sees): names are keys in the tenant's terms, and every
+//! write counts against its limits.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use etcd_client::proto::{
-    PbCampaignResponse, PbKeyValue, PbLeaderKey, PbLeaderResponse, PbLockResponse,
-    PbProclaimResponse, PbResignResponse, PbResponseHeader,
+    PbCampaignResponse, PbCompare, PbCompareTarget, PbDeleteRequest, PbEvent, PbKeyValue,
+    PbLeaderKey, PbLeaderResponse, PbLeaseGrantRequest, PbLockResponse, PbProclaimResponse,
+    PbPutRequest, PbRangeRequest, PbResignResponse, PbResponseHeader, PbTargetUnion,
+    PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse, PbWatchRequest,
+    PbWatchRequestUnion, PbWatchResponse,
 };
 use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
+use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tonic_prost::ProstCodec;
 use tower::service_fn;
 
 use crate::error::EtcdError;
 use crate::limits::Class;
+use crate::metrics::Call;
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
 
@@ -117,228 +128,667 @@ where
         .await
 }
 
+/// The TTL of the lease etcd's lock and election servers grant when a request names
+/// none (their session's default).
+const SESSION_TTL: i64 = 60;
+
+/// etcd's `RangeRequest.SortTarget.CREATE`.
+const SORT_BY_CREATE: i32 = 2;
+/// etcd's `RangeRequest.SortOrder.ASCEND` and `DESCEND`.
+const ASCEND: i32 = 1;
+const DESCEND: i32 = 2;
+/// etcd's `Event.EventType.DELETE`.
+const DELETE: i32 = 1;
+/// etcd's `Compare.CompareResult.EQUAL`.
+const EQUAL: i32 = 0;
+
+/// `<name>/<lease in hex>`: the key etcd's recipes give a lock holder or a candidate.
+fn session_key(name: &[u8], lease: i64) -> Vec<u8> {
+    let mut k = name.to_vec();
+    k.push(b'/');
+    k.extend_from_slice(format!("{lease:x}").as_bytes());
+    k
+}
+
+fn dir(name: &[u8]) -> Vec<u8> {
+    let mut d = name.to_vec();
+    d.push(b'/');
+    d
+}
+
+fn op(request: PbTxnOpRequest) -> PbTxnRequestOp {
+    PbTxnRequestOp {
+        request: Some(request),
+    }
+}
+
+fn put(key: &[u8], value: &[u8], lease: i64) -> PbTxnRequestOp {
+    op(PbTxnOpRequest::RequestPut(PbPutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        lease,
+        ..Default::default()
+    }))
+}
+
+fn get(key: &[u8]) -> PbTxnRequestOp {
+    op(PbTxnOpRequest::RequestRange(PbRangeRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    }))
+}
+
+fn delete(key: &[u8]) -> PbTxnRequestOp {
+    op(PbTxnOpRequest::RequestDeleteRange(PbDeleteRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    }))
+}
+
+/// The oldest (`ASCEND`) or newest (`DESCEND`) key created under `dir`, at most at
+/// `max_create` (0: any).
+fn by_create(dir: &[u8], order: i32, max_create: i64) -> PbTxnRequestOp {
+    op(PbTxnOpRequest::RequestRange(PbRangeRequest {
+        key: dir.to_vec(),
+        range_end: rewrite::prefix_end(dir),
+        sort_target: SORT_BY_CREATE,
+        sort_order: order,
+        limit: 1,
+        max_create_revision: max_create,
+        ..Default::default()
+    }))
+}
+
+fn created_at(key: &[u8], rev: i64) -> PbCompare {
+    PbCompare {
+        key: key.to_vec(),
+        result: EQUAL,
+        target: PbCompareTarget::Create as i32,
+        target_union: Some(PbTargetUnion::CreateRevision(rev)),
+        ..Default::default()
+    }
+}
+
+/// The keys of the `i`th response of a transaction.
+fn kvs(resp: &mut PbTxnResponse, i: usize) -> Vec<PbKeyValue> {
+    match resp.responses.get_mut(i).and_then(|r| r.response.as_mut()) {
+        Some(PbTxnOpResponse::ResponseRange(r)) => std::mem::take(&mut r.kvs),
+        _ => Vec::new(),
+    }
+}
+
+/// etcd's lock and election servers are clients of etcd's KV: what KV refuses reaches
+/// their caller as Unknown with etcd's message. A connection lost or a deadline passed
+/// stays what it is.
+fn from_v3_server(s: Status) -> Status {
+    match s.code() {
+        Code::Unknown | Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => s,
+        _ => Status::unknown(s.message().to_owned()),
+    }
+}
+
+fn missing_leader() -> Status {
+    Status::unknown("\"leader\" field must be provided")
+}
+
+fn not_leader() -> Status {
+    Status::unknown("election: not leader")
+}
+
+/// Runs `work` in a task of its own that a dropped call (the client gave up) cancels
+/// through the token it gets, so the work can clean up after itself as etcd's servers do
+/// when their context ends.
+async fn detached<T, F, Fut>(work: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<T, Status>> + Send + 'static,
+{
+    let token = CancellationToken::new();
+    let _cancel_on_drop = token.clone().drop_guard();
+    match tokio::spawn(work(token)).await {
+        Ok(res) => res,
+        Err(e) => Err(Status::internal(format!("lock task failed: {e}"))),
+    }
+}
+
+/// Lock and Election, served on top of the tenant's KV with the recipes etcd's own
+/// servers use, so every key they write is the tenant's (lease IDs in its terms), counts
+/// against its quota, and every lease they grant is recorded and capped as its own.
 impl Broker {
-    fn prefix_leader(&self, t: &Tenant, leader: &mut Option<PbLeaderKey>) -> Result<i64, Status> {
-        let l = leader.as_mut().ok_or(EtcdError::EmptyKey)?;
-        // etcd's election server compares on the leader key, and refuses an empty one
-        // as every empty key; prefixed, it would name the tenant's prefix itself.
-        if l.key.is_empty() {
-            return Err(empty_key_from_a_v3_server());
+    /// The lease a session runs on: the one asked for, or for 0 a fresh one of etcd's
+    /// session TTL (etcd's servers never keep it alive).
+    async fn session_lease(&self, t: &Tenant, md: &MetadataMap, lease: i64) -> Result<i64, Status> {
+        if lease != 0 {
+            return Ok(lease);
         }
-        l.name = t.prefix.key(&l.name);
-        l.key = t.prefix.key(&l.key);
-        Ok(l.lease)
+        let r = PbLeaseGrantRequest {
+            ttl: SESSION_TTL,
+            id: 0,
+        };
+        Ok(self.grant_as(t, md, r).await?.id)
     }
 
-    fn strip_leader(&self, t: &Tenant, leader: &mut Option<PbLeaderKey>) {
-        if let Some(l) = leader {
-            match (t.prefix.strip(&l.name), t.prefix.strip(&l.key)) {
-                (Some(n), Some(k)) => {
-                    l.name = n.to_vec();
-                    l.key = k.to_vec();
-                }
-                _ => {
-                    *leader = None;
-                    self.check_stripped(t, "Election", rewrite_one());
+    async fn kv(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        txn: PbTxnRequest,
+        method: &'static str,
+    ) -> Result<PbTxnResponse, Status> {
+        self.txn_as(t, md, txn, method)
+            .await
+            .map_err(from_v3_server)
+    }
+
+    /// Waits until every key under `dir` created at or before `max_create` is gone
+    /// (etcd's `waitDeletes`); the header of the read that found none.
+    async fn wait_deletes(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        dir: &[u8],
+        max_create: i64,
+        method: &'static str,
+    ) -> Result<Option<PbResponseHeader>, Status> {
+        loop {
+            let read = PbTxnRequest {
+                success: vec![by_create(dir, DESCEND, max_create)],
+                ..Default::default()
+            };
+            let mut resp = self.kv(t, md, read, method).await?;
+            let Some(last) = kvs(&mut resp, 0).pop() else {
+                return Ok(resp.header);
+            };
+            let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            let mut w = self.watch_keys(t, md, &last.key, Vec::new(), rev).await?;
+            loop {
+                let (_, events) = w.next().await?;
+                if events.iter().any(|e| e.r#type == DELETE) {
+                    break;
                 }
             }
         }
     }
 
-    fn strip_kv_opt(&self, t: &Tenant, kv: &mut Option<PbKeyValue>) {
-        let mut kvs: Vec<PbKeyValue> = kv.take().into_iter().collect();
-        let s = rewrite::strip_kvs(&t.prefix, &mut kvs);
-        self.check_stripped(t, "Election", s);
-        *kv = kvs.pop();
-    }
-
-    async fn check_lease(
+    /// A watch of the tenant's `key` (to `range_end`, both in its terms) from `rev`.
+    async fn watch_keys(
         &self,
-        t: &Tenant,
-        method: &'static str,
-        lease: i64,
-    ) -> Result<(), Status> {
-        if lease != 0 && !self.owns_lease(t, lease).await? {
-            return Err(self.deny(Some(t), method, EtcdError::LeaseNotFound));
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        key: &[u8],
+        range_end: Vec<u8>,
+        rev: i64,
+    ) -> Result<KeyWatch, Status> {
+        let (mut key, mut range_end) = (key.to_vec(), range_end);
+        rewrite::watch_range(&t.prefix, &mut key, &mut range_end);
+        let mut create = PbWatchRequestUnion::CreateRequest(Default::default());
+        if let PbWatchRequestUnion::CreateRequest(c) = &mut create {
+            c.key = key;
+            c.range_end = range_end;
+            c.start_revision = rev;
         }
-        Ok(())
+        let (requests, rx) = mpsc::channel(1);
+        let _ = requests.try_send(PbWatchRequest {
+            request_union: Some(create),
+        });
+        let stream = t
+            .upstream
+            .streaming::<_, PbWatchRequest, PbWatchResponse>(
+                "/etcdserverpb.Watch/Watch",
+                request_from(md, ReceiverStream::new(rx)),
+            )
+            .await?
+            .into_inner();
+        Ok(KeyWatch {
+            tenant: t.clone(),
+            _requests: requests,
+            stream,
+            shutdown: self.inner.shutdown.clone(),
+        })
     }
 
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<PbLockResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Write, "Lock")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(EtcdError::EmptyKey.into());
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Write, "Lock")?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let broker = self.clone();
+            detached(move |cancelled| async move { broker.lock_as(&t, &md, r, cancelled).await })
+                .await
+                .map(Response::new)
         }
-        self.check_lease(&t, "Lock", r.lease).await?;
-        r.name = t.prefix.key(&r.name);
-        let mut resp: PbLockResponse = t
-            .upstream
-            .unary("/v3lockpb.Lock/Lock", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        match t.prefix.strip(&resp.key) {
-            Some(k) => resp.key = k.to_vec(),
-            None => {
-                resp.key.clear();
-                self.check_stripped(&t, "Lock", rewrite_one());
+        .await;
+        self.metrics().observe(LOCK, "Lock", &call, &res);
+        res
+    }
+
+    /// etcd's mutex: queue under `<name>/` by create revision, hold the lock when first.
+    async fn lock_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        r: LockRequest,
+        cancelled: CancellationToken,
+    ) -> Result<PbLockResponse, Status> {
+        let lease = self
+            .session_lease(t, md, r.lease)
+            .await
+            .map_err(from_v3_server)?;
+        let dir = dir(&r.name);
+        let key = session_key(&r.name, lease);
+        let acquire = PbTxnRequest {
+            compare: vec![created_at(&key, 0)],
+            success: vec![put(&key, b"", lease), by_create(&dir, ASCEND, 0)],
+            failure: vec![get(&key), by_create(&dir, ASCEND, 0)],
+        };
+        let mut resp = self.kv(t, md, acquire, "Lock").await?;
+        let mut mine = resp.header.as_ref().map_or(0, |h| h.revision);
+        if !resp.succeeded {
+            mine = kvs(&mut resp, 0).first().map_or(0, |kv| kv.create_revision);
+        }
+        let owner = kvs(&mut resp, 1);
+        if owner.first().is_none_or(|o| o.create_revision == mine) {
+            return Ok(PbLockResponse {
+                header: resp.header,
+                key,
+            });
+        }
+        let waited = tokio::select! {
+            w = self.wait_deletes(t, md, &dir, mine - 1, "Lock") => w,
+            _ = cancelled.cancelled() => Err(Status::cancelled("context canceled")),
+        };
+        let unlock = || async {
+            let txn = PbTxnRequest {
+                success: vec![delete(&key)],
+                ..Default::default()
+            };
+            let _ = self.kv(t, &MetadataMap::new(), txn, "Lock").await;
+        };
+        if let Err(e) = waited {
+            unlock().await;
+            return Err(e);
+        }
+        // The lease may have expired while waiting: the lock is held only if the key is.
+        let check = PbTxnRequest {
+            success: vec![get(&key)],
+            ..Default::default()
+        };
+        let mut held = match self.kv(t, md, check, "Lock").await {
+            Ok(held) => held,
+            Err(e) => {
+                unlock().await;
+                return Err(e);
             }
+        };
+        if kvs(&mut held, 0).is_empty() {
+            return Err(Status::unknown("mutex: session is expired"));
         }
-        Ok(Response::new(resp))
+        Ok(PbLockResponse {
+            header: held.header,
+            key,
+        })
     }
 
     async fn unlock(
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Write, "Unlock")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        // etcd's lock server deletes the key, and refuses an empty one as every empty
-        // key; prefixed, it would delete the tenant's prefix itself.
-        if r.key.is_empty() {
-            return Err(empty_key_from_a_v3_server());
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Write, "Unlock")?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let txn = PbTxnRequest {
+                success: vec![delete(&r.key)],
+                ..Default::default()
+            };
+            let resp = self.kv(&t, &md, txn, "Unlock").await?;
+            Ok(Response::new(UnlockResponse {
+                header: resp.header,
+            }))
         }
-        r.key = t.prefix.key(&r.key);
-        let mut resp: UnlockResponse = t
-            .upstream
-            .unary("/v3lockpb.Lock/Unlock", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        Ok(Response::new(resp))
+        .await;
+        self.metrics().observe(LOCK, "Unlock", &call, &res);
+        res
     }
 
     async fn campaign(
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<PbCampaignResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Write, "Campaign")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(EtcdError::EmptyKey.into());
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Write, "Campaign")?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let broker = self.clone();
+            detached(
+                move |cancelled| async move { broker.campaign_as(&t, &md, r, cancelled).await },
+            )
+            .await
+            .map(Response::new)
         }
-        self.check_lease(&t, "Campaign", r.lease).await?;
-        r.name = t.prefix.key(&r.name);
-        let mut resp: PbCampaignResponse = t
-            .upstream
-            .unary("/v3electionpb.Election/Campaign", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        self.strip_leader(&t, &mut resp.leader);
-        Ok(Response::new(resp))
+        .await;
+        self.metrics().observe(ELECTION, "Campaign", &call, &res);
+        res
+    }
+
+    /// etcd's election: a candidate key under `<name>/`; the leader is the oldest.
+    async fn campaign_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        r: CampaignRequest,
+        cancelled: CancellationToken,
+    ) -> Result<PbCampaignResponse, Status> {
+        let lease = self
+            .session_lease(t, md, r.lease)
+            .await
+            .map_err(from_v3_server)?;
+        let dir = dir(&r.name);
+        let key = session_key(&r.name, lease);
+        let enter = PbTxnRequest {
+            compare: vec![created_at(&key, 0)],
+            success: vec![put(&key, &r.value, lease)],
+            failure: vec![get(&key)],
+        };
+        let mut resp = self.kv(t, md, enter, "Campaign").await?;
+        let mut rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        let leader = |rev| PbLeaderKey {
+            name: r.name.clone(),
+            key: key.clone(),
+            rev,
+            lease,
+        };
+        if !resp.succeeded {
+            let held = kvs(&mut resp, 0);
+            let kv = held.first();
+            rev = kv.map_or(0, |kv| kv.create_revision);
+            if kv.is_some_and(|kv| kv.value != r.value)
+                && let Err(e) = self.proclaim_as(t, md, &leader(rev), &r.value).await
+            {
+                let _ = self.resign_as(t, md, &leader(rev)).await;
+                return Err(e);
+            }
+        }
+        let waited = tokio::select! {
+            w = self.wait_deletes(t, md, &dir, rev - 1, "Campaign") => w,
+            _ = cancelled.cancelled() => {
+                // The client gave up: leave the election, as etcd's server does.
+                let _ = self.resign_as(t, &MetadataMap::new(), &leader(rev)).await;
+                return Err(Status::cancelled("context canceled"));
+            }
+        };
+        waited?;
+        Ok(PbCampaignResponse {
+            header: resp.header,
+            leader: Some(leader(rev)),
+        })
+    }
+
+    /// Sets the leader's value if `leader` still leads (etcd's `Proclaim`).
+    async fn proclaim_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        leader: &PbLeaderKey,
+        value: &[u8],
+    ) -> Result<Option<PbResponseHeader>, Status> {
+        let txn = PbTxnRequest {
+            compare: vec![created_at(&leader.key, leader.rev)],
+            success: vec![put(&leader.key, value, leader.lease)],
+            ..Default::default()
+        };
+        let resp = self.kv(t, md, txn, "Proclaim").await?;
+        if !resp.succeeded {
+            return Err(not_leader());
+        }
+        Ok(resp.header)
+    }
+
+    /// Deletes the leader's key if `leader` still leads (etcd's `Resign`).
+    async fn resign_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        leader: &PbLeaderKey,
+    ) -> Result<Option<PbResponseHeader>, Status> {
+        let txn = PbTxnRequest {
+            compare: vec![created_at(&leader.key, leader.rev)],
+            success: vec![delete(&leader.key)],
+            ..Default::default()
+        };
+        Ok(self.kv(t, md, txn, "Resign").await?.header)
     }
 
     async fn proclaim(
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<PbProclaimResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Write, "Proclaim")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        let lease = self.prefix_leader(&t, &mut r.leader)?;
-        self.check_lease(&t, "Proclaim", lease).await?;
-        let mut resp: PbProclaimResponse = t
-            .upstream
-            .unary("/v3electionpb.Election/Proclaim", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        Ok(Response::new(resp))
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Write, "Proclaim")?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let leader = r.leader.ok_or_else(missing_leader)?;
+            let header = self.proclaim_as(&t, &md, &leader, &r.value).await?;
+            Ok(Response::new(PbProclaimResponse { header }))
+        }
+        .await;
+        self.metrics().observe(ELECTION, "Proclaim", &call, &res);
+        res
     }
 
     async fn resign(
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<PbResignResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Write, "Resign")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        let lease = self.prefix_leader(&t, &mut r.leader)?;
-        self.check_lease(&t, "Resign", lease).await?;
-        let mut resp: PbResignResponse = t
-            .upstream
-            .unary("/v3electionpb.Election/Resign", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        Ok(Response::new(resp))
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Write, "Resign")?;
+            let md = req.metadata().clone();
+            let leader = req.into_inner().leader.ok_or_else(missing_leader)?;
+            let header = self.resign_as(&t, &md, &leader).await?;
+            Ok(Response::new(PbResignResponse { header }))
+        }
+        .await;
+        self.metrics().observe(ELECTION, "Resign", &call, &res);
+        res
     }
 
     async fn leader(
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<PbLeaderResponse>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Read, "Leader")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        r.name = t.prefix.key(&r.name);
-        let mut resp: PbLeaderResponse = t
-            .upstream
-            .unary("/v3electionpb.Election/Leader", request_from(&md, r))
-            .await?
-            .into_inner();
-        self.note(&resp.header);
-        rewrite::scrub_header(&mut resp.header);
-        self.strip_kv_opt(&t, &mut resp.kv);
-        Ok(Response::new(resp))
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Read, "Leader")?;
+            let md = req.metadata().clone();
+            let r = req.into_inner();
+            let (header, kv) = self.current_leader(&t, &md, &r.name).await?;
+            match kv {
+                Some(kv) => Ok(Response::new(PbLeaderResponse {
+                    header,
+                    kv: Some(kv),
+                })),
+                None => Err(Status::unknown("election: no leader")),
+            }
+        }
+        .await;
+        self.metrics().observe(ELECTION, "Leader", &call, &res);
+        res
+    }
+
+    /// The oldest candidate of election `name`, if any.
+    async fn current_leader(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        name: &[u8],
+    ) -> Result<(Option<PbResponseHeader>, Option<PbKeyValue>), Status> {
+        let read = PbTxnRequest {
+            success: vec![by_create(&dir(name), ASCEND, 0)],
+            ..Default::default()
+        };
+        let mut resp = self.kv(t, md, read, "Leader").await?;
+        let kv = kvs(&mut resp, 0).into_iter().next();
+        Ok((resp.header, kv))
     }
 
     async fn observe(
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<ReceiverStream<Result<PbLeaderResponse, Status>>>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        self.rate(&t, Class::Read, "Observe")?;
-        let md = req.metadata().clone();
-        let mut r = req.into_inner();
-        r.name = t.prefix.key(&r.name);
-        let upstream = t
-            .upstream
-            .server_streaming::<_, PbLeaderResponse>(
-                "/v3electionpb.Election/Observe",
-                request_from(&md, r),
-            )
-            .await?
-            .into_inner();
-        let broker = self.clone();
-        let stream = upstream.relay(
-            self.inner.shutdown.clone(),
-            (),
-            move |mut resp: PbLeaderResponse| {
-                broker.note(&resp.header);
-                rewrite::scrub_header(&mut resp.header);
-                broker.strip_kv_opt(&t, &mut resp.kv);
-                resp
-            },
-        );
-        Ok(Response::new(stream))
+        let call = Call::start();
+        let res = async {
+            let t = call.tenant(self.tenant(req.metadata()).await?);
+            self.rate(&t, Class::Read, "Observe")?;
+            let md = req.metadata().clone();
+            let name = req.into_inner().name;
+            let (tx, rx) = mpsc::channel(OBSERVE_BUFFER);
+            let broker = self.clone();
+            tokio::spawn(async move {
+                let end = tokio::select! {
+                    end = broker.observe_as(&t, &md, &name, &tx) => end,
+                    _ = tx.closed() => Ok(()),
+                };
+                if let Err(status) = end {
+                    let _ = tx.try_send(Err(status));
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+        .await;
+        self.metrics().observe(ELECTION, "Observe", &call, &res);
+        res
+    }
+
+    /// etcd's `observe`: the leader, then each of its new values, then the next leader,
+    /// until the client goes away. Ends the stream for a client that does not read, as
+    /// a slow watcher's.
+    async fn observe_as(
+        &self,
+        t: &Arc<Tenant>,
+        md: &MetadataMap,
+        name: &[u8],
+        tx: &mpsc::Sender<Result<PbLeaderResponse, Status>>,
+    ) -> Result<(), Status> {
+        let send = |header, kv| async move {
+            let resp = PbLeaderResponse {
+                header,
+                kv: Some(kv),
+            };
+            match tx.send_timeout(Ok(resp), SLOW_READER_TIMEOUT).await {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    tracing::warn!(tenant = %t.name, "observer too slow, ending its stream");
+                    Err(Status::unavailable(
+                        "etcd-shim: observer too slow to keep up",
+                    ))
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Status::cancelled("")),
+            }
+        };
+        let dir = dir(name);
+        loop {
+            let (header, kv) = self.current_leader(t, md, name).await?;
+            let (header, kv) = match kv {
+                Some(kv) => (header, kv),
+                None => {
+                    // Wait for the first candidate to appear.
+                    let rev = header.as_ref().map_or(0, |h| h.revision);
+                    let end = rewrite::prefix_end(&dir);
+                    let mut w = self.watch_keys(t, md, &dir, end, rev).await?;
+                    loop {
+                        let (mut h, events) = w.next().await?;
+                        if let Some(kv) = events
+                            .into_iter()
+                            .find(|e| e.r#type != DELETE)
+                            .and_then(|e| e.kv)
+                        {
+                            if let Some(h) = h.as_mut() {
+                                h.revision = kv.mod_revision;
+                            }
+                            break (h, kv);
+                        }
+                    }
+                }
+            };
+            let rev = header.as_ref().map_or(0, |h| h.revision);
+            let key = kv.key.clone();
+            send(header, kv).await?;
+            let mut w = self.watch_keys(t, md, &key, Vec::new(), rev + 1).await?;
+            'leader: loop {
+                let (h, events) = w.next().await?;
+                for e in events {
+                    if e.r#type == DELETE {
+                        break 'leader;
+                    }
+                    if let Some(kv) = e.kv {
+                        send(h, kv).await?;
+                    }
+                }
+            }
+        }
     }
 }
 
-/// etcd's lock and election servers are clients of etcd's KV: they hand a refusal on
-/// as an error of their own, which gRPC sends as Unknown with etcd's message.
-fn empty_key_from_a_v3_server() -> Status {
-    Status::unknown(EtcdError::EmptyKey.to_string())
+/// Leader responses buffered for an observer before the broker stops reading etcd.
+const OBSERVE_BUFFER: usize = 16;
+
+/// How long an observer may leave a full buffer unread before its stream is ended.
+const SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
+
+const LOCK: &str = "Lock";
+const ELECTION: &str = "Election";
+
+/// One of the broker's own watches on a tenant's keys, for the lock and election
+/// recipes; events come out in the tenant's terms.
+struct KeyWatch {
+    tenant: Arc<Tenant>,
+    /// Keeps the request side open; closing it would end the watch.
+    _requests: mpsc::Sender<PbWatchRequest>,
+    stream: crate::upstream::UpstreamStream<PbWatchResponse>,
+    shutdown: CancellationToken,
 }
 
-fn rewrite_one() -> rewrite::Stripped {
-    rewrite::Stripped { foreign: 1 }
+impl KeyWatch {
+    /// The next events, with their header.
+    async fn next(&mut self) -> Result<(Option<PbResponseHeader>, Vec<PbEvent>), Status> {
+        loop {
+            let msg = tokio::select! {
+                m = self.stream.message() => m?,
+                _ = self.shutdown.cancelled() => return Err(crate::upstream::shutting_down()),
+            };
+            let Some(mut resp) = msg else {
+                return Err(Status::unknown("lost watcher waiting for delete"));
+            };
+            if resp.canceled {
+                return Err(if resp.compact_revision > 0 {
+                    from_v3_server(EtcdError::Compacted.into())
+                } else {
+                    Status::unknown(resp.cancel_reason)
+                });
+            }
+            if resp.events.is_empty() {
+                continue;
+            }
+            let t = &self.tenant;
+            crate::compaction::compact_events(t.state.compacted(), &mut resp.events);
+            let _ = rewrite::watch_events(&t.prefix, &mut resp.events);
+            t.lease_ids.events(&mut resp.events);
+            rewrite::scrub_header(&mut resp.header);
+            return Ok((resp.header, resp.events));
+        }
+    }
 }
 
 /// `v3lockpb.Lock`.
@@ -445,7 +895,7 @@ impl tower_service::Service<http::Request<Body>> for AuthService {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let b = self.0.clone();
         Box::pin(async move {
-            let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+            let md = MetadataMap::from_headers(req.headers().clone());
             let method = match req.uri().path().rsplit('/').next() {
                 Some(m) => auth_method_name(m),
                 None => "Auth",

@@ -10,6 +10,7 @@ use clap::Parser;
 use etcd_shim_broker::auth::{Authenticator, StaticTokens};
 use etcd_shim_broker::config::{self, ConfigFile};
 use etcd_shim_broker::jwt::{self, Jwks, JwtVerifier};
+use etcd_shim_broker::leaseid::LeaseSecrets;
 use etcd_shim_broker::metrics::Metrics;
 use etcd_shim_broker::metrics::Reloaded;
 use etcd_shim_broker::tokenreview::TokenReviewer;
@@ -150,6 +151,12 @@ struct Args {
         value_delimiter = ','
     )]
     advertise_client_urls: Vec<String>,
+    /// File with the secret that keys the lease IDs tenants see, one per line: the
+    /// current secret first, then earlier ones still accepted (docs/semantics.md says how
+    /// to rotate). Every replica must read the same file. Without it each process makes
+    /// up its own, so lease IDs change when it restarts and replicas disagree.
+    #[arg(long, env = "ETCD_SHIM_BROKER_LEASE_ID_SECRET_FILE")]
+    lease_id_secret_file: Option<PathBuf>,
     /// How long open calls may take to finish after SIGTERM.
     #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime_secs)]
     drain_timeout: Duration,
@@ -245,6 +252,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         compaction_prefix: args.compaction_prefix.clone(),
         etcd_dedicated: args.etcd_dedicated,
         advertise_client_urls: args.advertise_client_urls.clone(),
+        lease_secrets: match &args.lease_id_secret_file {
+            Some(path) => LeaseSecrets::from_file(path)?,
+            None => {
+                tracing::warn!(
+                    "no --lease-id-secret-file: lease IDs are this process's own, so they \
+                     change when it restarts and differ between replicas"
+                );
+                LeaseSecrets::ephemeral()
+            }
+        },
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
     if let Some(path) = &args.config {

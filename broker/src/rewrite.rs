@@ -181,12 +181,12 @@ fn rewrite_op(p: &Prefix, op: &mut PbTxnRequestOp) {
     }
 }
 
-/// Leases named by a transaction's puts, nested ones included, so the caller can check
-/// that the tenant owns each of them.
-pub fn txn_leases(req: &PbTxnRequest, out: &mut Vec<i64>) {
-    for op in req.success.iter().chain(&req.failure) {
-        match &op.request {
-            Some(PbTxnOpRequest::RequestPut(r)) if r.lease != 0 => out.push(r.lease),
+/// The lease fields of a transaction's puts, nested ones included, so the caller can
+/// check that the tenant owns each lease and put in the real one.
+pub fn txn_leases<'a>(req: &'a mut PbTxnRequest, out: &mut Vec<&'a mut i64>) {
+    for op in req.success.iter_mut().chain(req.failure.iter_mut()) {
+        match &mut op.request {
+            Some(PbTxnOpRequest::RequestPut(r)) if r.lease != 0 => out.push(&mut r.lease),
             Some(PbTxnOpRequest::RequestTxn(t)) => txn_leases(t, out),
             _ => {}
         }
@@ -510,9 +510,10 @@ mod tests {
         };
         assert_eq!(f.key, b"/t/a/f");
 
+        let mut txn = nested_txn();
         let mut leases = Vec::new();
-        txn_leases(&nested_txn(), &mut leases);
-        assert_eq!(leases, vec![5, 9]);
+        txn_leases(&mut txn, &mut leases);
+        assert_eq!(leases.iter().map(|l| **l).collect::<Vec<_>>(), vec![5, 9]);
     }
 
     #[test]

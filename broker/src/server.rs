@@ -45,6 +45,8 @@ pub struct BrokerConfig {
     pub etcd_dedicated: bool,
     /// Client URLs reported by MemberList to clients that call the broker directly.
     pub advertise_client_urls: Vec<String>,
+    /// Keys of the tenants' lease IDs (see `leaseid`); every replica must share them.
+    pub lease_secrets: crate::leaseid::LeaseSecrets,
 }
 
 impl Default for BrokerConfig {
@@ -55,6 +57,7 @@ impl Default for BrokerConfig {
             compaction_prefix: "/etcd-shim/compactions/".into(),
             etcd_dedicated: false,
             advertise_client_urls: Vec::new(),
+            lease_secrets: crate::leaseid::LeaseSecrets::ephemeral(),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::config::{
     BackendSpec, Base, ConfigError, ConfigFile, IMPLICIT_BACKEND, Limits, Match, PrefixChoice,
     Rule, UsageRefresh,
 };
+use crate::leaseid::{LeaseIds, LeaseSecrets};
 use crate::limits::{States, TenantState, UNLISTED};
 use crate::rewrite::Prefix;
 use crate::upstream::{Connector, Upstream, client_files};
@@ -27,6 +28,8 @@ pub struct Tenant {
     pub prefix: Prefix,
     /// Where the ownership records of the tenant's leases live.
     pub lease_prefix: Prefix,
+    /// The tenant's lease IDs (see `leaseid`).
+    pub lease_ids: LeaseIds,
     /// Where the tenant's compacted revision is recorded (see `compaction`).
     pub compaction_key: Vec<u8>,
     /// Name of the backend holding the tenant's keys.
@@ -87,6 +90,8 @@ struct Routing {
 /// Maps identities to tenants, and caches them so the request path does not allocate.
 pub struct TenantResolver {
     base: Base,
+    /// Keys of the tenants' lease IDs.
+    lease_secrets: LeaseSecrets,
     /// The backend made from flags; always routable as `default` unless a file redefines it.
     implicit: Arc<Upstream>,
     /// Whether the backend made from flags is dedicated to etcd-shim.
@@ -104,7 +109,11 @@ const TENANT_CACHE_MAX: usize = 10_000;
 impl TenantResolver {
     /// A resolver with no config file: every identity is a tenant under `root` on
     /// `upstream`.
-    pub fn new(base: Base, upstream: Upstream) -> Result<Self, TenantConfigError> {
+    pub fn new(
+        base: Base,
+        lease_secrets: LeaseSecrets,
+        upstream: Upstream,
+    ) -> Result<Self, TenantConfigError> {
         let roots = [
             &base.tenant_prefix_root,
             &base.lease_prefix,
@@ -139,6 +148,7 @@ impl TenantResolver {
         };
         Ok(Self {
             base,
+            lease_secrets,
             implicit,
             implicit_dedicated: false,
             current: RwLock::new(Arc::new(routing)),
@@ -333,7 +343,9 @@ impl TenantResolver {
                 &prefix.as_bytes()[1..],
             ]
             .concat();
+            let lease_ids = self.lease_secrets.for_tenant(prefix.as_bytes());
             Arc::new(Tenant {
+                lease_ids,
                 prefix: Prefix::new(prefix.into_bytes())
                     .unwrap_or_else(|| unreachable!("prefix ends in /")),
                 lease_prefix: Prefix::new(
@@ -483,6 +495,7 @@ mod tests {
     fn resolver() -> TenantResolver {
         TenantResolver::new(
             base("/etcd-shim/tenants/", "/etcd-shim/leases/"),
+            LeaseSecrets::ephemeral(),
             upstream(1),
         )
         .unwrap()
@@ -540,11 +553,15 @@ mod tests {
             .unwrap();
         let _g = rt.enter();
         assert!(matches!(
-            TenantResolver::new(base("/x", "/l/"), upstream(1)),
+            TenantResolver::new(base("/x", "/l/"), LeaseSecrets::ephemeral(), upstream(1)),
             Err(TenantConfigError::BadPrefix(_))
         ));
         assert!(matches!(
-            TenantResolver::new(base("/x/", "/x/leases/"), upstream(1)),
+            TenantResolver::new(
+                base("/x/", "/x/leases/"),
+                LeaseSecrets::ephemeral(),
+                upstream(1)
+            ),
             Err(TenantConfigError::Overlap(..))
         ));
     }

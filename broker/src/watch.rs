@@ -185,6 +185,7 @@ impl PbWatchService for Broker {
                         }
                         crate::compaction::compact_events(t.state.compacted(), &mut resp.events);
                         let s = rewrite::watch_events(&t.prefix, &mut resp.events);
+                        t.lease_ids.events(&mut resp.events);
                         broker.check_stripped(&t, "Watch", s);
                         match tx.send_timeout(Ok(resp), SLOW_WATCHER_TIMEOUT).await {
                             Ok(()) => {}

@@ -266,12 +266,19 @@ func startBroker(t testing.TB, etcdURL string, tenants ...tenantCred) *broker {
 	if err := os.WriteFile(tokens, []byte(lines.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// Replicas of one etcd translate lease IDs alike only with one secret, as the
+	// chart's Secret gives them.
+	secret := filepath.Join(dir, "lease-id-secret")
+	if err := os.WriteFile(secret, []byte("lease ids of "+etcdURL+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	port, admin := freePort(t), freePort(t)
 	p := spawn(t, "broker", dir, filepath.Join(binDir, "etcd-shim-broker"),
 		"--listen", fmt.Sprintf("0.0.0.0:%d", port),
 		"--admin-listen", fmt.Sprintf("127.0.0.1:%d", admin),
 		"--etcd-endpoints", etcdURL,
-		"--static-tokens-file", tokens)
+		"--static-tokens-file", tokens,
+		"--lease-id-secret-file", secret)
 	waitFor(t, "broker to be ready", 20*time.Second, func() error {
 		if !p.running() {
 			t.Fatalf("broker exited early: %s", p.exit())

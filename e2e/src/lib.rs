@@ -310,6 +310,9 @@ impl Etcd {
     }
 }
 
+/// The lease ID secret of every broker the harness starts, unless a test passes its own.
+pub const LEASE_ID_SECRET: &str = "etcd-shim e2e lease id secret";
+
 /// The broker in the root namespace, on every address so pods reach it over their veth.
 pub struct Broker {
     pub port: u16,
@@ -333,10 +336,15 @@ impl Broker {
         for (t, who) in tokens {
             writeln!(f, "{t} {who}")?;
         }
+        // One secret for every broker of a test, as the chart's Secret gives the replicas;
+        // a test that wants another passes --lease-id-secret-file, which wins over this.
+        let secret = dir.path().join("lease-id-secret");
+        std::fs::write(&secret, format!("{LEASE_ID_SECRET}\n"))?;
         let mut last = None;
         for _ in 0..5 {
             let (port, admin_port) = (free_port(), free_port());
             let mut cmd = Command::new(bin("etcd-shim-broker"));
+            cmd.env("ETCD_SHIM_BROKER_LEASE_ID_SECRET_FILE", &secret);
             cmd.args(["--listen", &format!("0.0.0.0:{port}")])
                 .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
                 .args(["--etcd-endpoints", &etcd_urls.join(",")])

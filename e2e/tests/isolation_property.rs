@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use etcd_client::proto::{PbKeyValue, PbRangeResponse, PbTxnOpResponse, PbTxnResponse};
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, Error, EventType, GetOptions, PutOptions, Txn,
-    TxnOp, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, DeleteOptions, Error, EventType, GetOptions,
+    LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use etcd_shim_e2e::{PREFIX_A, PREFIX_B, Pod, TwoTenants};
 use rand::rngs::StdRng;
@@ -95,6 +95,8 @@ struct Change {
     put: bool,
     key: Vec<u8>,
     value: Vec<u8>,
+    /// The lease of a put, as the tenant sees it.
+    lease: i64,
 }
 
 /// A compare the model can evaluate.
@@ -108,7 +110,8 @@ enum Cmp {
 /// A transaction's single write.
 #[derive(Clone, Debug)]
 enum Write {
-    Put(Vec<u8>, Vec<u8>),
+    /// Key, value and lease (0 or the tenant's own).
+    Put(Vec<u8>, Vec<u8>, i64),
     Delete(Vec<u8>, Vec<u8>),
 }
 
@@ -245,6 +248,7 @@ impl Tenant {
             put: true,
             key: key.to_vec(),
             value: value.to_vec(),
+            lease,
         });
         prev
     }
@@ -257,6 +261,7 @@ impl Tenant {
                 put: false,
                 key: k.clone(),
                 value: Vec::new(),
+                lease: 0,
             });
         }
         gone
@@ -273,7 +278,8 @@ impl Tenant {
             50..62 => self.delete().await,
             62..85 => self.txn().await,
             85..90 => self.empty_key().await,
-            90..95 => self.foreign_lease().await,
+            90..94 => self.foreign_lease().await,
+            94..97 => self.own_lease_calls().await,
             _ => self.put_with_own_lease().await,
         }
     }
@@ -298,14 +304,57 @@ impl Tenant {
         self.count("put with own lease");
         let (key, value) = (self.key(), self.value());
         let lease = self.own_lease;
-        self.client
+        let r = self
+            .client
             .put(
                 key.clone(),
                 value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
+                Some(PutOptions::new().with_lease(lease).with_prev_key()),
             )
             .await?;
-        self.apply_put(&key, &value, lease);
+        let prev = self.apply_put(&key, &value, lease);
+        let want: Vec<_> = prev.into_iter().map(|e| (key.clone(), e)).collect();
+        self.check_kvs("leased put prev_kv", r.0.prev_kv.as_slice(), &want)
+    }
+
+    /// Lease calls on the tenant's own lease: every ID that comes back is the one it
+    /// was granted, and the lease holds exactly the keys the model puts on it.
+    async fn own_lease_calls(&mut self) -> Result<()> {
+        self.count("own lease calls");
+        let own = self.own_lease;
+        let listed: Vec<i64> = self
+            .client
+            .leases()
+            .await?
+            .leases()
+            .iter()
+            .map(|l| l.id())
+            .collect();
+        ensure!(listed == vec![own], "lease list {listed:?}, own {own}");
+        let ttl = self
+            .client
+            .lease_time_to_live(own, Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await?;
+        let mut keys: Vec<Vec<u8>> = ttl.keys().to_vec();
+        keys.sort();
+        let want: Vec<Vec<u8>> = self
+            .model
+            .iter()
+            .filter(|(_, e)| e.lease == own)
+            .map(|(k, _)| k.clone())
+            .collect();
+        ensure!(
+            ttl.id() == own && ttl.ttl() > 0 && keys == want,
+            "time-to-live of the own lease: id {} ttl {}, keys {:?}, model {:?}",
+            ttl.id(),
+            ttl.ttl(),
+            keys.iter().map(|k| show(k)).collect::<Vec<_>>(),
+            want.iter().map(|k| show(k)).collect::<Vec<_>>()
+        );
+        let (mut keeper, mut stream) = self.client.lease_keep_alive(own).await?;
+        keeper.keep_alive().await?;
+        let r = stream.message().await?.context("keep-alive stream ended")?;
+        ensure!(r.id() == own && r.ttl() > 0, "keep-alive answer {r:?}");
         Ok(())
     }
 
@@ -462,7 +511,12 @@ impl Tenant {
     fn write(&mut self) -> Write {
         let key = self.key();
         if self.rng.random_bool(0.6) {
-            Write::Put(key, self.value())
+            let lease = if self.rng.random_bool(0.3) {
+                self.own_lease
+            } else {
+                0
+            };
+            Write::Put(key, self.value(), lease)
         } else {
             let end = self.end(&key);
             Write::Delete(key, end)
@@ -512,10 +566,10 @@ impl Tenant {
                 ));
             }
             ops.push(match write {
-                Write::Put(k, v) => TxnOp::put(
+                Write::Put(k, v, lease) => TxnOp::put(
                     k.clone(),
                     v.clone(),
-                    Some(PutOptions::new().with_prev_key()),
+                    Some(PutOptions::new().with_prev_key().with_lease(*lease)),
                 ),
                 Write::Delete(k, e) => TxnOp::delete(
                     k.clone(),
@@ -569,8 +623,8 @@ impl Tenant {
             }
         }
         match (write, resps.next()) {
-            (Write::Put(k, v), Some(Some(PbTxnOpResponse::ResponsePut(p)))) => {
-                let prev = self.apply_put(&k, &v, 0);
+            (Write::Put(k, v, lease), Some(Some(PbTxnOpResponse::ResponsePut(p)))) => {
+                let prev = self.apply_put(&k, &v, lease);
                 let want: Vec<_> = prev.into_iter().map(|e| (k.clone(), e)).collect();
                 self.check_kvs("txn put prev_kv", p.prev_kv.as_slice(), &want)
             }
@@ -626,6 +680,7 @@ async fn watch(c: &mut Client, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(Vec<i64
                         } else {
                             Vec::new()
                         },
+                        lease: kv.lease(),
                     });
                 }
             }
@@ -655,6 +710,8 @@ async fn empty_watch_is_refused(c: &mut Client, key: &[u8], end: &[u8]) -> Resul
 struct Outcome {
     model: BTreeMap<Vec<u8>, Entry>,
     ops: BTreeMap<&'static str, usize>,
+    /// The tenant's lease as it saw it.
+    own_lease: i64,
 }
 
 fn run_tenant(
@@ -738,6 +795,7 @@ fn run_tenant(
             Ok(Outcome {
                 model: t.model,
                 ops: t.ops_done,
+                own_lease,
             })
         })
         .await
@@ -767,27 +825,58 @@ fn admin_dump(env: &TwoTenants) -> Result<BTreeMap<Vec<u8>, PbKeyValue>> {
         })
 }
 
-/// Checks that the admin's view holds exactly `model` under `prefix`.
+/// The real ID of the one lease a tenant holds, from its ownership record in etcd.
+fn real_lease(dump: &BTreeMap<Vec<u8>, PbKeyValue>, records: &str) -> Result<i64> {
+    let ids: Vec<i64> = dump
+        .keys()
+        .filter_map(|k| k.strip_prefix(records.as_bytes()))
+        .filter_map(|hex| i64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+        .collect();
+    match ids[..] {
+        [id] => Ok(id),
+        _ => bail!("lease records under {records}: {ids:x?}"),
+    }
+}
+
+/// Checks that the admin's view holds exactly `model` under `prefix`, with the real
+/// lease where the tenant put its own (`own`, as it sees it).
 fn check_space(
     dump: &BTreeMap<Vec<u8>, PbKeyValue>,
     prefix: &str,
     name: &str,
     model: &BTreeMap<Vec<u8>, Entry>,
+    (own, real): (i64, i64),
 ) -> Result<()> {
-    let got: BTreeMap<Vec<u8>, Vec<u8>> = dump
+    ensure!(
+        own != real,
+        "tenant {name} sees its lease by its real ID {real:x}"
+    );
+    let got: BTreeMap<Vec<u8>, (Vec<u8>, i64)> = dump
         .iter()
         .filter_map(|(k, kv)| {
             Some((
                 k.strip_prefix(prefix.as_bytes())?.to_vec(),
-                kv.value.clone(),
+                (kv.value.clone(), kv.lease),
             ))
         })
         .collect();
-    let want: BTreeMap<Vec<u8>, Vec<u8>> = model
+    let want: BTreeMap<Vec<u8>, (Vec<u8>, i64)> = model
         .iter()
-        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .map(|(k, e)| {
+            let lease = if e.lease == own { real } else { e.lease };
+            (k.clone(), (e.value.clone(), lease))
+        })
         .collect();
     if got != want {
+        let leases: Vec<_> = got
+            .iter()
+            .filter(|(k, g)| want.get(*k).is_some_and(|w| w.1 != g.1))
+            .map(|(k, g)| format!("{} has lease {:x}", show(k), g.1))
+            .collect();
+        ensure!(
+            leases.is_empty(),
+            "tenant {name}'s leases in etcd: {leases:?}"
+        );
         let extra: Vec<_> = got
             .keys()
             .filter(|k| !want.contains_key(*k))
@@ -802,7 +891,7 @@ fn check_space(
             "tenant {name}'s space in etcd differs from its model: extra {extra:?}, missing {missing:?}"
         );
     }
-    for (k, v) in &got {
+    for (k, (v, _)) in &got {
         ensure!(
             v.starts_with(format!("tenant-{name}:").as_bytes()),
             "{} holds {:?}",
@@ -871,8 +960,12 @@ fn random_operations_of_two_tenants_stay_confined() -> Result<()> {
             show(k)
         );
     }
-    check_space(&dump, PREFIX_A, "a", &a.model).with_context(|| format!("seed {seed}"))?;
-    check_space(&dump, PREFIX_B, "b", &b.model).with_context(|| format!("seed {seed}"))?;
+    let real_a = real_lease(&dump, "/etcd-shim/leases/team-a/app/")?;
+    let real_b = real_lease(&dump, "/etcd-shim/leases/team-b/app/")?;
+    check_space(&dump, PREFIX_A, "a", &a.model, (a.own_lease, real_a))
+        .with_context(|| format!("seed {seed}"))?;
+    check_space(&dump, PREFIX_B, "b", &b.model, (b.own_lease, real_b))
+        .with_context(|| format!("seed {seed}"))?;
     let registry_after: Vec<_> = dump
         .into_iter()
         .filter(|(k, _)| k.starts_with(b"/registry/"))

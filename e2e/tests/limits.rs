@@ -516,3 +516,83 @@ fn watch_and_lease_caps_refuse_the_next_and_recover() -> Result<()> {
     }
     Ok(())
 }
+
+/// Lock and Campaign with lease 0 get a lease etcd's own servers would grant behind the
+/// broker's back; here it is the tenant's, counted against its cap. Their keys and
+/// values count against the quota like any put. Found by a security review: 20 Locks
+/// raised the live leases from 1 to 21 under a cap of 1, and 20 Campaigns left 28.9 MB
+/// under a 1 MB quota.
+#[test]
+fn locks_and_elections_count_against_the_tenants_limits() -> Result<()> {
+    const UNKNOWN_TOO_MANY: (Code, &str) = (Code::Unknown, TOO_MANY);
+    let etcd = Etcd::start()?;
+    let config = "tenants:\n- namespace: team-a\n  serviceAccount: app\n  limits: {bytes: 4096, keys: 100, leases: 2}\n";
+    let broker = Broker::start_with_config(&[&etcd.url], &[("token-a", TENANT_A)], config, &[])?;
+    let mut a = Pod::new()?;
+    a.start_shim(broker.port, "token-a")?;
+    a.run(|| async {
+        let mut c = connect().await?;
+        // Two session leases fill the cap of two; the third is refused as etcd's lock
+        // server hands on a refused grant.
+        let lock = c.lock("l1", None).await?;
+        let leader = c.campaign("e1", "v", 0).await?;
+        let held: Vec<i64> = c.leases().await?.leases().iter().map(|l| l.id()).collect();
+        ensure!(
+            held.len() == 2,
+            "leases after a lock and a campaign: {held:?}"
+        );
+        let third = c.lock("l2", None).await;
+        match &third {
+            Err(e)
+                if status(e).as_ref().map(|(c, m)| (*c, m.as_str())) == Some(UNKNOWN_TOO_MANY) => {}
+            other => bail!("lock past the lease cap: {other:?}"),
+        }
+        let third = c.campaign("e2", "v", 0).await;
+        match &third {
+            Err(e)
+                if status(e).as_ref().map(|(c, m)| (*c, m.as_str())) == Some(UNKNOWN_TOO_MANY) => {}
+            other => bail!("campaign past the lease cap: {other:?}"),
+        }
+        // A campaign on a lease of the tenant's own fills the byte quota like a put.
+        let lease = held[0];
+        let big = "v".repeat(3000);
+        c.campaign("e3", big.clone(), lease).await?;
+        match c.campaign("e4", big.clone(), held[1]).await {
+            Err(e) if status(&e) == Some((Code::Unknown, NO_SPACE.to_owned())) => {}
+            other => bail!("campaign past the quota: {other:?}"),
+        }
+        // A proclaim past the quota too.
+        let mine = leader.leader().context("leader key")?.clone();
+        match c
+            .proclaim(
+                big.clone(),
+                Some(etcd_client::ProclaimOptions::new().with_leader(mine)),
+            )
+            .await
+        {
+            Err(e) if status(&e) == Some((Code::Unknown, NO_SPACE.to_owned())) => {}
+            other => bail!("proclaim past the quota: {other:?}"),
+        }
+        expect_refused(
+            "put after the campaigns",
+            c.put("k", big, None).await,
+            NO_SPACE,
+        )?;
+        c.unlock(lock.key()).await?;
+        Ok(())
+    })?;
+    // In etcd: the tenant's session leases and nothing else, and no key beyond its quota.
+    let leases = etcd.etcdctl(&["lease", "list"])?;
+    let listed = String::from_utf8_lossy(&leases.stdout);
+    ensure!(
+        listed.starts_with("found 2 leases"),
+        "leases in etcd: {listed}"
+    );
+    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", PREFIX_A])?;
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    ensure!(
+        keys.lines().filter(|l| !l.is_empty()).count() == 2,
+        "tenant keys in etcd: {keys}"
+    );
+    Ok(())
+}
