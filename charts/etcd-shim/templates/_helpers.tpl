@@ -105,6 +105,11 @@ Ports: what the binaries listen on, their probes and Services all come from here
 {{- define "etcd-shim.brokerConfigDir" -}}/etc/etcd-shim/config{{- end -}}
 {{- define "etcd-shim.etcdClientDir" -}}/etc/etcd-shim/etcd-client{{- end -}}
 {{- define "etcd-shim.brokerTlsDir" -}}/etc/etcd-shim/tls{{- end -}}
+{{- define "etcd-shim.leaseIdDir" -}}/etc/etcd-shim/lease-ids{{- end -}}
+{{/* The Secret with the lease ID secret: the operator's, or the one the chart makes. */}}
+{{- define "etcd-shim.leaseIdSecretName" -}}
+{{- .Values.broker.leaseIdSecret.existingSecret | default (printf "%s-lease-ids" (include "etcd-shim.brokerName" .)) -}}
+{{- end -}}
 {{- define "etcd-shim.injectorTlsDir" -}}/etc/etcd-shim/tls{{- end -}}
 {{- define "etcd-shim.brokerCaDir" -}}/etc/etcd-shim/broker-ca{{- end -}}
 
@@ -267,6 +272,7 @@ templates/broker/deployment.yaml.
 {{- end }}
 - {{ print "--tenant-prefix-root=" .Values.etcd.tenantPrefixRoot | quote }}
 - {{ print "--lease-prefix=" .Values.etcd.leasePrefix | quote }}
+- {{ print "--lease-id-secret-file=" (include "etcd-shim.leaseIdDir" .) "/secret" | quote }}
 {{- with $b.advertiseClientUrls }}
 - {{ print "--advertise-client-urls=" (join "," .) | quote }}
 {{- end }}
