@@ -210,7 +210,7 @@ impl Upstream {
         let pool = self.pool();
         let started = Instant::now();
         let res = pool
-            .call(|channel| {
+            .call(Kind::Unary, |channel| {
                 let req = Request::from_parts(md.clone(), Default::default(), msg.clone());
                 Some(async move {
                     let mut grpc = grpc(channel);
@@ -246,7 +246,7 @@ impl Upstream {
         let (md, _, msg) = req.into_parts();
         let pool = self.pool();
         let (member, resp) = pool
-            .call(|channel| {
+            .call(Kind::Stream, |channel| {
                 let req = Request::from_parts(md.clone(), Default::default(), msg.clone());
                 Some(async move {
                     let mut grpc = grpc(channel);
@@ -279,7 +279,7 @@ impl Upstream {
         let slot = Arc::new(Mutex::new(Some(Box::pin(body))));
         let pool = self.pool();
         let (member, resp) = pool
-            .call(|channel| {
+            .call(Kind::Stream, |channel| {
                 if slot.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
                     // A failed attempt started sending; it may have reached etcd.
                     return None;
@@ -378,10 +378,23 @@ struct Pool {
     epoch: Instant,
 }
 
+/// Which of a member's connections a call goes on.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Unary,
+    Stream,
+}
+
 #[derive(Debug)]
 struct Member {
     endpoint: String,
+    /// Unary calls.
     channel: Channel,
+    /// Streams (Watch, LeaseKeepAlive, Observe, RangeStream), on a connection of their
+    /// own: data etcd sent for a stream whose client does not read holds the flow-control
+    /// window of its connection until the stream ends, and must not hold up anyone's
+    /// unary calls.
+    streams: Channel,
     /// Failures in a row; sets how long the member is skipped.
     failures: AtomicU32,
     /// Milliseconds since `epoch` until which the member is tried only after the others.
@@ -421,6 +434,7 @@ impl Pool {
             members.push(Member {
                 endpoint: e.clone(),
                 channel: ep.connect_lazy(),
+                streams: ep.connect_lazy(),
                 failures: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
             });
@@ -440,7 +454,7 @@ impl Pool {
     /// round-robin order, then the others. Moves on only when an attempt sent nothing
     /// (and `attempt` can go again: `None` means it cannot); returns the answer and which
     /// member gave it.
-    async fn call<T, F, Fut>(&self, mut attempt: F) -> Result<(usize, T), Status>
+    async fn call<T, F, Fut>(&self, kind: Kind, mut attempt: F) -> Result<(usize, T), Status>
     where
         F: FnMut(Channel) -> Option<Fut>,
         Fut: Future<Output = Result<T, Status>>,
@@ -464,7 +478,11 @@ impl Pool {
                 if (index < 64 && down & (1 << index) != 0) != skipped {
                     continue;
                 }
-                let Some(fut) = attempt(m.channel.clone()) else {
+                let channel = match kind {
+                    Kind::Unary => &m.channel,
+                    Kind::Stream => &m.streams,
+                };
+                let Some(fut) = attempt(channel.clone()) else {
                     break 'members;
                 };
                 match fut.await {
@@ -478,7 +496,7 @@ impl Pool {
                         last = Some(s);
                     }
                     Err(s) => {
-                        if is_transport(&s) {
+                        if blames_member(&s) {
                             self.failed(m);
                         } else {
                             m.succeeded();
@@ -528,7 +546,7 @@ impl<T> UpstreamStream<T> {
     /// (Unavailable when the connection failed rather than etcd answering).
     pub async fn message(&mut self) -> Result<Option<T>, Status> {
         self.inner.message().await.map_err(|s| {
-            if is_transport(&s) {
+            if blames_member(&s) {
                 self.pool.failed(&self.pool.members[self.member]);
             }
             clean(s)
@@ -632,6 +650,13 @@ fn is_transport(s: &Status) -> bool {
     s.source().is_some()
 }
 
+/// Whether a failure says the member is unwell. The client's own deadline running out
+/// (`grpc-timeout`, which the broker's client enforces) says nothing about the member:
+/// counting it would let one tenant mark members down for everyone.
+fn blames_member(s: &Status) -> bool {
+    is_transport(s) && !matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled)
+}
+
 /// Marks a channel that would not take the call.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -672,6 +697,28 @@ pub fn request_from<T>(from: &MetadataMap, msg: T) -> Request<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_member_failures_mark_a_member_down() {
+        let with_source = |mut s: Status| {
+            s.set_source(Arc::new(std::io::Error::other("underneath")));
+            s
+        };
+        // A connection that broke blames the member.
+        assert!(blames_member(&with_source(Status::unknown(
+            "connection reset"
+        ))));
+        // The client's own grpc-timeout running out, or the client going away, does not:
+        // a tenant could otherwise send tiny deadlines and mark members down for all.
+        assert!(!blames_member(&with_source(Status::deadline_exceeded(
+            "Timeout expired"
+        ))));
+        assert!(!blames_member(&with_source(Status::cancelled("gone"))));
+        // etcd's own answers carry no source error.
+        assert!(!blames_member(&Status::unavailable(
+            "etcdserver: request timed out"
+        )));
+    }
 
     #[test]
     fn transport_failures_become_unavailable_and_etcd_errors_pass_through() {
