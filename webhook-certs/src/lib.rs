@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod certs;
+pub mod distribute;
 pub mod reconcile;
 
 use std::future::Future;
@@ -75,6 +76,7 @@ fn log_report(config: &Config, report: &Report) {
             namespace = %config.namespace,
             written = ?report.secret,
             patched_webhooks = ?report.patched_webhooks,
+            ca_configmaps = report.ca_configmaps.len(),
             "certificates reconciled"
         );
     }
