@@ -199,6 +199,15 @@ def static_checks(docs, repo, namespace, helps):
     bc, ic = bpod["spec"]["containers"][0], ipod["spec"]["containers"][0]
     bargs, iargs = args_of(bc), args_of(ic)
 
+    print("images")
+    shim_binary = rust_const(repo, src, "SHIM_BINARY")
+    dockerfile = (repo / "images/Dockerfile.shim").read_text()
+    check(f'ENTRYPOINT ["{shim_binary}"]' in dockerfile,
+          f"the shim image's entrypoint is {shim_binary}, which the classic postStart hook runs")
+    check("x86_64-unknown" not in "".join((repo / "images" / f"Dockerfile.{c}").read_text()
+                                          for c in ("broker", "injector", "shim", "webhook-certs")),
+          "no Dockerfile pins the x86_64 target")
+
     print("webhook configuration")
     hooks = mwc["webhooks"]
     check(len(hooks) == 1, "one webhook")
