@@ -79,7 +79,8 @@ enum Command {
     /// answers 200), then exit 0; exit 1 after --timeout. For the classic sidecar's
     /// postStart hook, which holds back the application's container until it returns.
     WaitReady {
-        /// Longest wait.
+        /// Longest wait. No environment variable: only the hook's command line sets it,
+        /// and the container's environment is the running shim's too.
         #[arg(long, default_value = "120s", value_parser = etcd_shim_core::parse_duration)]
         timeout: Duration,
     },
