@@ -719,8 +719,13 @@ async fn near_expiry_serving_certificate_is_renewed_by_the_same_ca() {
 #[tokio::test]
 async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
     let now = OffsetDateTime::now_utc();
-    // A 3650-day CA issued 2500 days ago has 1150 days left, less than a third.
-    let old = material_issued_at(now - Duration::days(2500));
+    // A 3650-day CA issued 2435 days ago has 1215 days left, less than a third; its serving
+    // certificate was renewed three days ago, when the CA was not due yet.
+    let issued = material_issued_at(now - Duration::days(2435));
+    let old = certs::plan(Some(&issued), &config().policy, now - Duration::days(3))
+        .unwrap()
+        .material;
+    assert_eq!(old.ca_crt, issued.ca_crt);
     let old_ca = one_cert(&old.ca_crt);
     let api = FakeApi::with_webhook();
     api.seed_secret(&old);
@@ -743,29 +748,41 @@ async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
         ]
         .concat()
     );
+    // Only the bundle changes at first: the injector keeps serving the old CA's
+    // certificate while every copy of the bundle learns the new CA.
     assert!(matches!(
         report.changes.as_slice(),
-        [
-            Change::CaIssued(Reason::RenewalDue { .. }),
-            Change::ServingIssued(Reason::NewCa)
-        ]
+        [Change::CaIssued(Reason::RenewalDue { .. })]
     ));
-
     let rotated = api.material();
     let bundle = bundle_ders(rotated.ca_crt.as_bytes());
     assert_eq!(bundle.len(), 2);
     assert_ne!(bundle[0], old_ca.der);
     assert_eq!(bundle[1], old_ca.der, "the old CA stays trusted");
-    assert!(certs::signed_by(
-        &one_cert(&rotated.tls_crt).der,
-        &bundle[0]
-    ));
+    assert_eq!(rotated.tls_crt, old.tls_crt);
     assert_ne!(rotated.ca_key, old.ca_key);
     for trusted in api.ca_bundles() {
         assert_eq!(bundle_ders(&trusted.unwrap()), bundle);
     }
 
-    // Within the overlap nothing changes.
+    // Half-way through the overlap the serving certificate moves to the new CA; the
+    // bundle, already right everywhere, is not touched.
+    let report = reconcile::reconcile_at(api.client(), &config(), now + Duration::hours(13))
+        .await
+        .unwrap();
+    assert_eq!(report.changes, [Change::ServingIssued(Reason::NewCa)]);
+    assert_eq!(
+        summary(&api.take_calls()),
+        [get_get(), vec![format!("PUT {SECRET_PATH} 200")]].concat()
+    );
+    let switched = api.material();
+    assert!(certs::signed_by(
+        &one_cert(&switched.tls_crt).der,
+        &bundle[0]
+    ));
+    assert_eq!(switched.ca_crt, rotated.ca_crt);
+
+    // Within the overlap nothing else changes.
     reconcile::reconcile_at(api.client(), &config(), now + Duration::hours(23))
         .await
         .unwrap();
@@ -789,7 +806,7 @@ async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
     );
     let trimmed = api.material();
     assert_eq!(bundle_ders(trimmed.ca_crt.as_bytes()), [bundle[0].clone()]);
-    assert_eq!(trimmed.tls_crt, rotated.tls_crt);
+    assert_eq!(trimmed.tls_crt, switched.tls_crt);
     for trusted in api.ca_bundles() {
         assert_eq!(bundle_ders(&trusted.unwrap()), [bundle[0].clone()]);
     }
