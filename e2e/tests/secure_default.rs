@@ -1,8 +1,9 @@
 //! What "secure by default" promises a tenant, end to end: a service account that the
 //! broker config does not list is refused with etcd's "permission denied", counted, and its
-//! shim stays unready (saying why) until a rule admits it; and a rotation of the broker's
-//! CA, delivered as the kubelet delivers a projected ConfigMap, reaches a running shim
-//! without a restart and without a failed call.
+//! shim stays unready (saying why) until a rule admits it; a classic sidecar's postStart
+//! hook holds the app as long; and a rotation of the broker's CA, delivered as the kubelet
+//! delivers a projected ConfigMap, reaches a running shim without a restart and without a
+//! failed call.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -262,5 +263,99 @@ fn a_ca_rotation_reaches_a_running_shim_without_a_restart_or_a_failed_call() -> 
     );
     let (code, body) = pod.shim_readiness()?;
     ensure!(code == 200, "still ready: {body}");
+    Ok(())
+}
+
+/// The classic sidecar container as the injector writes it into a pod of namespace `late`.
+fn classic_shim(broker_url: &str) -> Result<k8s_openapi::api::core::v1::Container> {
+    use etcd_shim_injector::{Decision, InjectConfig, SidecarMode, mutate};
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "namespace": "late"},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    });
+    let cfg = InjectConfig {
+        broker_url: broker_url.to_owned(),
+        mode: SidecarMode::Classic,
+        ..InjectConfig::default()
+    };
+    let Decision::Patch(patch) = mutate(&serde_json::from_value(pod.clone())?, None, &cfg) else {
+        anyhow::bail!("not injected");
+    };
+    json_patch::patch(&mut pod, &patch)?;
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod)?;
+    let spec = pod.spec.context("spec")?;
+    Ok(spec.containers[0].clone())
+}
+
+#[test]
+fn the_classic_sidecar_hook_holds_the_app_until_the_tenant_is_served() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let broker = Broker::start_with_config(
+        &[&etcd.url],
+        &[("token-l", "late/app")],
+        &config(&["team-a"]),
+        &["--reload-interval", "1s"],
+    )?;
+    let pod = Pod::new()?;
+    let shim = classic_shim(&format!("http://{}:{}", pod.host_ip, broker.port))?;
+    std::fs::write(pod.token_file(), "token-l")?;
+    let env: Vec<(String, String)> = shim
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let v = e.value.clone().unwrap_or_default();
+            let v = if e.name == "ETCD_SHIM_SHIM_TOKEN_FILE" {
+                pod.token_file().display().to_string()
+            } else {
+                v
+            };
+            (e.name.clone(), v)
+        })
+        .collect();
+    let run = |name: &str, args: &[String]| {
+        let mut cmd = pod.command(etcd_shim_e2e::bin("etcd-shim"));
+        cmd.args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        etcd_shim_e2e::Proc::spawn(name, cmd, pod.dir.path())
+    };
+    let mut sidecar = run("classic-shim", &[])?;
+
+    // The postStart hook exactly as injected: it must not return while the broker refuses
+    // the tenant, so the kubelet does not start the app container yet.
+    let hook = shim
+        .lifecycle
+        .and_then(|l| l.post_start)
+        .and_then(|h| h.exec)
+        .and_then(|e| e.command)
+        .context("postStart exec hook")?;
+    ensure!(hook[0] == "/usr/local/bin/etcd-shim", "{hook:?}");
+    let mut waiting = run("post-start", &hook[1..])?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(sidecar.is_running(), "shim exited: {}", sidecar.log());
+    ensure!(
+        waiting.is_running(),
+        "the hook returned while the tenant is refused: {}",
+        waiting.log()
+    );
+
+    // Admitted: the hook returns, successfully, within seconds.
+    let path = broker.config_path().context("config path")?;
+    replace_file(&path, &config(&["team-a", "late"]))?;
+    let started = Instant::now();
+    wait_for("the hook to return", Duration::from_secs(20), || {
+        (!waiting.is_running()).then_some(())
+    })?;
+    println!("hook returned {:?} after admission", started.elapsed());
+    ensure!(
+        waiting.exit_code() == Some(0),
+        "the hook must succeed, or the kubelet kills the container: {}",
+        waiting.log()
+    );
+    let out = pod.etcdctl_ok(&["put", "/late", "ok"])?;
+    ensure!(out.trim() == "OK", "{out}");
+    sidecar.stop();
     Ok(())
 }
