@@ -297,6 +297,11 @@ def static_checks(docs, repo, namespace, helps):
         for c in certs:
             check(c["spec"]["secretName"] == broker_secret, "the Certificate writes the Secret the broker mounts")
             check(f"{bsvc['metadata']['name']}.{namespace}.svc" in c["spec"]["dnsNames"], "the Certificate covers the broker Service")
+        for b in find(docs, "Bundle"):
+            check(b["metadata"]["name"] == ca_cm and b["spec"]["target"]["configMap"] == {"key": "ca.crt"},
+                  "the trust-manager Bundle writes the ConfigMap and key the injector projects")
+            check(b["spec"]["target"]["namespaceSelector"] == {"matchLabels": {ns_label: ns_enabled}},
+                  "into the namespaces the webhook injects")
     if namespace == "etcd-shim" and broker["metadata"]["name"] == "etcd-shim-broker":
         check(urllib.parse.urlsplit(default_broker_url).hostname == url.hostname,
               "the injector's built-in broker URL names this Service")
