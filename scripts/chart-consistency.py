@@ -43,6 +43,9 @@ import yaml
 PENDING = {
     "broker-serving-tls": "the broker has no serving TLS flags yet (shim->broker TLS issue)",
 }
+# etcd's own default backend quota (--quota-backend-bytes): a tenant's default storage
+# limit must stay well below it, or one tenant can make the whole etcd read-only.
+ETCD_DEFAULT_QUOTA = 2 * 1024**3
 BROKER_TLS_FLAGS = {"tls-cert-file", "tls-key-file"}
 
 failures = []
@@ -99,6 +102,8 @@ def component(docs, kind, comp):
 
 
 def pod_spec(obj):
+    if obj["kind"] == "Pod":
+        return obj
     spec = obj["spec"]
     if obj["kind"] == "CronJob":
         spec = spec["jobTemplate"]["spec"]
@@ -162,6 +167,7 @@ class Help:
 
     def __init__(self, binary):
         text = subprocess.run([binary, "--help"], capture_output=True, text=True, check=True).stdout
+        self.text = text
         self.flags = set(re.findall(r"--([a-z0-9][a-z0-9-]*)", text))
         self.envs = set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", text))
         self.defaults = {}
@@ -192,6 +198,15 @@ def static_checks(docs, repo, namespace, helps):
     bpod, ipod = pod_spec(broker), pod_spec(injector)
     bc, ic = bpod["spec"]["containers"][0], ipod["spec"]["containers"][0]
     bargs, iargs = args_of(bc), args_of(ic)
+
+    print("images")
+    shim_binary = rust_const(repo, src, "SHIM_BINARY")
+    dockerfile = (repo / "images/Dockerfile.shim").read_text()
+    check(f'ENTRYPOINT ["{shim_binary}"]' in dockerfile,
+          f"the shim image's entrypoint is {shim_binary}, which the classic postStart hook runs")
+    check("x86_64-unknown" not in "".join((repo / "images" / f"Dockerfile.{c}").read_text()
+                                          for c in ("broker", "injector", "shim", "webhook-certs")),
+          "no Dockerfile pins the x86_64 target")
 
     print("webhook configuration")
     hooks = mwc["webhooks"]
@@ -250,14 +265,43 @@ def static_checks(docs, repo, namespace, helps):
     check(url.port == bports["grpc"]["port"], f"--broker-url port {url.port} is the Service's grpc port")
     tls = "tls-cert-file" in bargs
     check(url.scheme == ("https" if tls else "http"), f"--broker-url scheme {url.scheme} follows broker TLS ({tls})")
-    check(("broker-ca-file" in iargs) == tls, "--broker-ca-file given exactly when the broker serves TLS")
+    ca_cm = iargs.get("broker-ca-configmap", "")
+    check(bool(ca_cm) == tls, "--broker-ca-configmap set exactly when the broker serves TLS")
+    check("broker-ca-file" not in iargs, "the injector copies no CA bundle into pod specs")
     if tls:
-        ca_mount = mount_for(ipod, ic, iargs["broker-ca-file"])
         b_mount = mount_for(bpod, bc, bargs["tls-cert-file"])
-        check(ca_mount and b_mount, "broker TLS files are mounted")
-        if ca_mount and b_mount:
-            items = {i["path"] for i in ca_mount[1]["secret"].get("items") or []}
-            check(items == {"ca.crt"}, "the injector mounts only the CA bundle of the broker's Secret")
+        check(b_mount is not None and "secret" in b_mount[1], "the broker's serving pair lies in a Secret mount")
+        broker_secret = b_mount[1]["secret"]["secretName"] if b_mount else None
+        issuers = [d for d in find(docs, "Deployment") if
+                   pod_spec(d)["metadata"]["labels"].get("etcd-shim.io/component") == "broker-certs"]
+        certs = find(docs, "Certificate")
+        check(len(issuers) + len(certs) == 1, "exactly one issuer for the broker's certificate (webhook-certs or cert-manager)")
+        for d in issuers:
+            c = pod_spec(d)["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_SECRET") == broker_secret, "broker-certs writes the Secret the broker mounts")
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_SERVICE") == bsvc["metadata"]["name"], "broker-certs issues for the broker Service")
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_WEBHOOK") == "", "broker-certs patches no webhook")
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_CA_CONFIGMAP") == ca_cm, "broker-certs copies the bundle into the ConfigMap shims mount")
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_CA_NAMESPACE_SELECTOR") == f"{ns_label}={ns_enabled}",
+                  "into the namespaces the webhook injects")
+            check(env.get("ETCD_SHIM_WEBHOOK_CERTS_INTERVAL"), "broker-certs keeps running (--interval)")
+            check(set(env) <= helps["webhook-certs"].envs, "broker-certs: every variable is one webhook-certs reads")
+            sa = pod_spec(d)["spec"]["serviceAccountName"]
+            subject = {"kind": "ServiceAccount", "name": sa, "namespace": namespace}
+            crules = [r for b in find(docs, "ClusterRoleBinding") if subject in b["subjects"]
+                      for r in one(docs, "ClusterRole", b["roleRef"]["name"])["rules"]]
+            check({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [ca_cm], "verbs": ["get", "update"]} in crules
+                  and not any(r["resources"] == ["configmaps"] and "update" in r["verbs"] and not r.get("resourceNames") for r in crules),
+                  "broker-certs may update only the CA bundle ConfigMaps")
+        for c in certs:
+            check(c["spec"]["secretName"] == broker_secret, "the Certificate writes the Secret the broker mounts")
+            check(f"{bsvc['metadata']['name']}.{namespace}.svc" in c["spec"]["dnsNames"], "the Certificate covers the broker Service")
+        for b in find(docs, "Bundle"):
+            check(b["metadata"]["name"] == ca_cm and b["spec"]["target"]["configMap"] == {"key": "ca.crt"},
+                  "the trust-manager Bundle writes the ConfigMap and key the injector projects")
+            check(b["spec"]["target"]["namespaceSelector"] == {"matchLabels": {ns_label: ns_enabled}},
+                  "into the namespaces the webhook injects")
     if namespace == "etcd-shim" and broker["metadata"]["name"] == "etcd-shim-broker":
         check(urllib.parse.urlsplit(default_broker_url).hostname == url.hostname,
               "the injector's built-in broker URL names this Service")
@@ -343,6 +387,33 @@ def static_checks(docs, repo, namespace, helps):
         else:
             check(not unknown, f"every {comp} flag exists in etcd-shim-{comp} ({sorted(unknown) or 'all known'})")
 
+    print("network policy")
+    nps = find(docs, "NetworkPolicy")
+    for np in nps:
+        check(selector_matches(np["spec"]["podSelector"], bpod["metadata"]["labels"]), "the NetworkPolicy selects the broker pods")
+        grpc_from = [f for r in np["spec"]["ingress"] if any(p.get("port") == "grpc" for p in r.get("ports", []))
+                     for f in r.get("from", [])]
+        check({"namespaceSelector": {"matchLabels": {ns_label: ns_enabled}}} in grpc_from,
+              f"opted-in namespaces ({ns_label}={ns_enabled}) may reach the broker's gRPC port")
+        check(all(set(f) <= {"namespaceSelector", "ipBlock"} and "podSelector" not in f for f in grpc_from),
+              "no rule opens the gRPC port to every pod")
+        check(any(p["name"] == "grpc" for p in bc["ports"]) and any(p["name"] == "admin" for p in bc["ports"]),
+              "the policy's named ports exist on the broker container")
+
+    print("alerts")
+    for rule_obj in find(docs, "PrometheusRule"):
+        exprs = [r["expr"] for g in rule_obj["spec"]["groups"] for r in g["rules"]]
+        sources = {"etcd_broker": "broker/src/metrics.rs", "etcd_shim_injector": "injector/src/metrics.rs",
+                   "etcd_shim": "shim/src/metrics.rs"}
+        for m in sorted({m for e in exprs for m in re.findall(r"etcd_(?:broker|shim)\w+", e)}):
+            prefix = next(p for p in sources if m.startswith(p + "_"))
+            name = re.sub(r"_total$", "", m.removeprefix(prefix + "_"))
+            text = (repo / sources[prefix]).read_text()
+            check(f'"{name}"' in text or f'"{re.sub(r"_total$", "", m)}"' in text, f"alert metric {m} is registered")
+        doc_alerts = (repo / "docs/observability.md").read_text().split("## Alerts worth having", 1)[1]
+        for m in sorted(set(re.findall(r"etcd_\w+", doc_alerts))):
+            check(any(m in e for e in exprs), f"the alert the docs recommend on {m} is in the PrometheusRule")
+
     print("dashboard")
     dashboard = json.loads((repo / "charts/etcd-shim/dashboards/broker.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -356,20 +427,52 @@ def static_checks(docs, repo, namespace, helps):
         check(json.loads(next(iter(d["data"].values()))) == dashboard, "the dashboard ConfigMap carries dashboards/broker.json")
 
     print("pod hardening")
-    for d in pods:
+    uid = None if iargs.get("shim-run-as-user") == "" else 65532
+    for d in pods + find(docs, "Pod"):
         spec = pod_spec(d)["spec"]
         ps = spec.get("securityContext") or {}
         for c in spec["containers"] + spec.get("initContainers", []):
             sc = c.get("securityContext") or {}
             ok = (sc.get("runAsNonRoot", ps.get("runAsNonRoot")) is True
-                  and sc.get("runAsUser", ps.get("runAsUser")) == 65532
+                  and sc.get("runAsUser", ps.get("runAsUser")) == uid
                   and sc.get("readOnlyRootFilesystem") is True
                   and sc.get("allowPrivilegeEscalation") is False
                   and sc.get("capabilities", {}).get("drop") == ["ALL"]
                   and (sc.get("seccompProfile") or ps.get("seccompProfile") or {}).get("type") == "RuntimeDefault")
-            check(ok, f"{d['kind']} {d['metadata']['name']}/{c['name']}: non-root 65532, read-only, no capabilities, RuntimeDefault")
-    return {"broker": broker, "injector": injector, "config_map": cm, "audience": audience,
+            check(ok, f"{d['kind']} {d['metadata']['name']}/{c['name']}: non-root {uid or '(uid from the platform)'}, read-only, no capabilities, RuntimeDefault")
+    return {"broker": broker, "injector": injector, "config_map": cm, "audience": audience, "config": config,
             "ns_label": ns_label, "ns_enabled": ns_enabled, "mutate_path": mutate_path}
+
+
+def default_checks(docs, ctx):
+    """What a security review of an install with stock values checks first."""
+    print("secure by default")
+    bargs = args_of(pod_spec(ctx["broker"])["spec"]["containers"][0])
+    iargs = args_of(pod_spec(ctx["injector"])["spec"]["containers"][0])
+    check("tls-cert-file" in bargs and "tls-key-file" in bargs, "the broker serves TLS")
+    check(iargs["broker-url"].startswith("https://"), "shims are given an https:// broker URL")
+    text = json.dumps(docs).lower()
+    check("insecure-plaintext" not in text and "insecure_plaintext" not in text, "no plaintext flag or variable anywhere")
+    check(len(find(docs, "NetworkPolicy")) == 1, "a NetworkPolicy for the broker")
+    config = ctx["config"]
+    check(config.get("allowUnlisted") is False, "only listed tenants are served (allowUnlisted: false)")
+    limits = config.get("defaultLimits") or {}
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    raw = str(limits.get("bytes", ""))
+    unit = next((u for u in units if raw.endswith(u)), "")
+    quota = int(raw.removesuffix(unit)) * units.get(unit, 1) if raw.removesuffix(unit).isdigit() else None
+    check(quota is not None and quota <= ETCD_DEFAULT_QUOTA // 4,
+          f"default storage quota {raw or 'none'} is at most a quarter of etcd's {ETCD_DEFAULT_QUOTA >> 30} GiB")
+    check(bool(limits.get("writesPerSecond")) and bool(limits.get("readsPerSecond")), "default read and write rate limits")
+    tests = [p for p in find(docs, "Pod") if (p["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+    check(len(tests) == 1, "a helm test pod")
+    for p in tests:
+        ns = one(docs, "Namespace", p["metadata"]["namespace"])
+        check(ns["metadata"]["labels"].get(ctx["ns_label"]) == ctx["ns_enabled"], "the test runs in an opted-in namespace")
+        sa = p["spec"]["serviceAccountName"]
+        check({"namespace": ns["metadata"]["name"], "serviceAccount": sa} in config.get("tenants", []),
+              "and its service account is an admitted tenant")
+        check("etcd-shim.io/component" not in p["metadata"]["labels"], "the test pod is injected like a tenant's")
 
 
 def probe_checks(name, container, admin_port, admin_rs):
@@ -658,7 +761,9 @@ def check_injected(ctx, patched, helps):
     check(shim.get("image") == iargs["shim-image"], f"shim image {shim.get('image')} = --shim-image")
     env = {e["name"]: e.get("value") for e in shim.get("env", [])}
     check(env.get("ETCD_SHIM_SHIM_BROKER") == iargs["broker-url"], "shim broker = --broker-url")
-    check(("ETCD_SHIM_SHIM_BROKER_CA" in env) == ("broker-ca-file" in iargs), "shim gets a CA bundle exactly with --broker-ca-file")
+    check("ETCD_SHIM_SHIM_BROKER_CA" not in env, "no CA bundle text in the shim's environment")
+    ca_cm = iargs.get("broker-ca-configmap", "")
+    check(("ETCD_SHIM_SHIM_BROKER_CA_FILE" in env) == bool(ca_cm), "shim gets a CA bundle file exactly with --broker-ca-configmap")
     check(env.get("ETCD_SHIM_SHIM_LOG_LEVEL") == iargs["shim-log-level"]
           and env.get("ETCD_SHIM_SHIM_LOG_FORMAT") == iargs["shim-log-format"], "shim log settings = the rendered ones")
     check(env.get("ETCD_SHIM_SHIM_LISTEN") == "127.0.0.1:2379", "shim listens on 127.0.0.1:2379, the address apps are given")
@@ -681,6 +786,27 @@ def check_injected(ctx, patched, helps):
     mount = next((m for m in shim.get("volumeMounts", []) if m["name"] == "etcd-shim-token"), {})
     check(env.get("ETCD_SHIM_SHIM_TOKEN_FILE") == f"{mount.get('mountPath')}/{token.get('path')}",
           "shim token file is the projected token's path")
+    if ca_cm:
+        ca = next((s["configMap"] for s in sources if "configMap" in s), {})
+        item = next(iter(ca.get("items") or []), {})
+        check(ca.get("name") == ca_cm and env.get("ETCD_SHIM_SHIM_BROKER_CA_FILE") == f"{mount.get('mountPath')}/{item.get('path')}",
+              f"shim CA file is projected from ConfigMap {ca_cm} into the token volume")
+    if not native:
+        hook = (shim.get("lifecycle") or {}).get("postStart", {}).get("exec", {}).get("command", [])
+        check(hook[1:2] == ["wait-ready"] and "wait-ready" in helps["shim"].text,
+              "classic mode: a postStart hook runs the shim's wait-ready")
+        app = next(c["name"] for c in spec["containers"] if c["name"] != "etcd-shim")
+        check(patched["metadata"]["annotations"].get("kubectl.kubernetes.io/default-container") == app,
+              "classic mode: kubectl's default container is the app")
+    if ctx.get("pss_check"):
+        shim_only = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "injected-shim", "namespace": "sample"},
+                     "spec": {"containers": [shim] if not native else [{"name": "app", "image": "x",
+                              "securityContext": shim["securityContext"]}],
+                              "initContainers": [shim] if native else [], "volumes": spec["volumes"]}}
+        f = Path(tempfile.mkdtemp()) / "shim.yaml"
+        f.write_text(yaml.safe_dump(shim_only))
+        r = subprocess.run([ctx["pss_check"], str(f)], capture_output=True, text=True)
+        check(r.returncode == 0, "the injected shim passes Pod Security restricted" + ("" if r.returncode == 0 else f": {r.stdout}"))
     return shim, env, admin
 
 
@@ -691,6 +817,10 @@ def run_shim(ctx, shim, env, admin, work, logs):
     run_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(work)}
     run_env.update(env)
     run_env["ETCD_SHIM_SHIM_TOKEN_FILE"] = str(token)
+    if "ETCD_SHIM_SHIM_BROKER_CA_FILE" in env:
+        # What the kubelet projects from the CA ConfigMap: any valid bundle will do here.
+        pki = make_pki(work / "pki-shim-ca", ["broker"])
+        run_env["ETCD_SHIM_SHIM_BROKER_CA_FILE"] = str(pki / "ca.crt")
     proc = Proc("shim", [str(ctx["bin"] / "etcd-shim")] + list(shim.get("args") or []), run_env, logs)
     ok, why = wait_for(admin, "/live", proc)
     check(ok, f"shim starts with the injected environment and answers /live on {admin}" + ("" if ok else f": {why}"))
@@ -738,6 +868,7 @@ def main():
     ap.add_argument("--bin-dir", required=True)
     ap.add_argument("--values-set", default="")
     ap.add_argument("--skip-binaries", action="store_true")
+    ap.add_argument("--pss-check", default="", help="scripts/pss-check binary, to check the injected shim")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -763,6 +894,9 @@ def main():
 
     ctx = static_checks(docs, repo, a.namespace, helps)
     ctx["bin"] = bin_dir
+    ctx["pss_check"] = a.pss_check
+    if a.values_set == "default":
+        default_checks(docs, ctx)
     if not a.skip_binaries:
         runtime_checks(ctx, docs, helps)
 

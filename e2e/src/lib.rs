@@ -121,6 +121,12 @@ impl Proc {
         })
     }
 
+    /// The exit code once the process has exited (`None` while it runs or if a signal
+    /// ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

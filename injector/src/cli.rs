@@ -2,15 +2,13 @@
 //! and the process wiring: TLS, webhook server, admin server, shutdown.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -23,8 +21,8 @@ use etcd_shim_core::tls::{
 };
 
 use crate::config::{
-    DEFAULT_BROKER_URL, DEFAULT_CPU_REQUEST, DEFAULT_MEMORY_LIMIT, DEFAULT_MEMORY_REQUEST,
-    InjectConfig, SidecarMode, default_image,
+    DEFAULT_BROKER_CA_CONFIGMAP, DEFAULT_BROKER_URL, DEFAULT_CPU_REQUEST, DEFAULT_MEMORY_LIMIT,
+    DEFAULT_MEMORY_REQUEST, InjectConfig, SidecarMode, default_image,
 };
 use crate::metrics::Metrics;
 use crate::server::{self, Webhook};
@@ -35,7 +33,7 @@ pub const CERT_READY: &str = "serving certificate loaded";
 /// Readiness condition withdrawn when shutdown starts.
 pub const SERVING_READY: &str = "serving";
 
-/// How often the broker CA file is re-read and the serving certificate's expiry checked.
+/// How often the serving certificate's expiry is checked.
 const RECHECK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Parser)]
@@ -85,10 +83,24 @@ pub struct Args {
     #[arg(long, env = "ETCD_SHIM_INJECTOR_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
     pub broker_url: String,
 
-    /// PEM CA bundle the shim trusts for the broker; passed to the shim as text. Re-read
-    /// every minute so newly created pods get a rotated bundle.
-    #[arg(long, env = "ETCD_SHIM_INJECTOR_BROKER_CA_FILE")]
-    pub broker_ca_file: Option<PathBuf>,
+    /// ConfigMap, in each opted-in namespace, with the CA bundle (key ca.crt) the shim
+    /// trusts for the broker. It is projected into the pod as a file that the kubelet
+    /// refreshes, so a rotated bundle reaches running shims. Empty: none (http:// brokers).
+    #[arg(
+        long,
+        env = "ETCD_SHIM_INJECTOR_BROKER_CA_CONFIGMAP",
+        default_value = DEFAULT_BROKER_CA_CONFIGMAP
+    )]
+    pub broker_ca_configmap: String,
+
+    /// UID and GID of the shim; empty leaves them unset for the platform to assign
+    /// (OpenShift's restricted-v2 SCC).
+    #[arg(
+        long,
+        env = "ETCD_SHIM_INJECTOR_SHIM_RUN_AS_USER",
+        default_value = "65532"
+    )]
+    pub shim_run_as_user: String,
 
     /// Native sidecar (Kubernetes >= 1.29) or classic sidecar container.
     #[arg(
@@ -168,7 +180,7 @@ pub struct Args {
 }
 
 impl Args {
-    /// Injection settings from the flags, reading the broker CA file if one is given.
+    /// Injection settings from the flags, checked.
     pub fn inject_config(&self) -> anyhow::Result<InjectConfig> {
         for (flag, value) in [
             ("--shim-cpu-request", &self.shim_cpu_request),
@@ -180,14 +192,33 @@ impl Args {
                 "{flag}: {value:?} is not a resource quantity"
             );
         }
+        let tls = self.broker_url.starts_with("https://");
+        anyhow::ensure!(
+            tls || self.broker_url.starts_with("http://"),
+            "--broker-url: {:?} must start with https:// (or http:// for plaintext)",
+            self.broker_url
+        );
+        let ca = self.broker_ca_configmap.trim();
+        anyhow::ensure!(
+            !tls || !ca.is_empty(),
+            "--broker-ca-configmap: an https:// broker needs the ConfigMap with its CA bundle"
+        );
+        let run_as_user = match self.shim_run_as_user.trim() {
+            "" => None,
+            uid => Some(
+                uid.parse::<i64>()
+                    .ok()
+                    .filter(|u| *u > 0)
+                    .with_context(|| {
+                        format!("--shim-run-as-user: {uid:?} is not a non-root UID")
+                    })?,
+            ),
+        };
         Ok(InjectConfig {
             image: self.shim_image.clone(),
             broker_url: self.broker_url.clone(),
-            broker_ca: self
-                .broker_ca_file
-                .as_deref()
-                .map(read_broker_ca)
-                .transpose()?,
+            broker_ca_configmap: (!ca.is_empty()).then(|| ca.to_string()),
+            run_as_user,
             log_level: self.shim_log_level.clone(),
             log_format: self.shim_log_format,
             mode: self.sidecar_mode,
@@ -196,22 +227,6 @@ impl Args {
             memory_limit: self.shim_memory_limit.clone(),
         })
     }
-}
-
-/// Reads a CA bundle and checks that it holds certificates, so a wrong file is caught
-/// here rather than in every shim.
-pub fn read_broker_ca(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading broker CA bundle {}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("broker CA bundle {}", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "broker CA bundle {} holds no certificate",
-        path.display()
-    );
-    Ok(text)
 }
 
 fn unix_now() -> i64 {
@@ -231,7 +246,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     readiness.register(SERVING_READY);
 
     let config = args.inject_config()?;
-    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let (_config_tx, config_rx) = watch::channel(Arc::new(config));
 
     let hook_metrics = metrics.clone();
     let hook: ReloadHook = Arc::new(move |outcome: &ReloadOutcome| match outcome {
@@ -263,13 +278,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Waits for the signal apart from `shutdown`, which is only triggered after the
     // delay: until then requests are still served while /ready says no.
     let signal = Shutdown::new();
-    let health = tokio::spawn(watch_health(
-        tls.clone(),
-        readiness.clone(),
-        args.broker_ca_file.clone(),
-        config_tx,
-        signal.clone(),
-    ));
+    let health = tokio::spawn(watch_health(tls.clone(), readiness.clone(), signal.clone()));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         AdminState {
@@ -296,15 +305,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Periodic checks: the serving certificate in force must not be expired (readiness), and
-/// the broker CA bundle is re-read so newly injected pods get the current one.
-async fn watch_health(
-    tls: TlsAcceptorSource,
-    readiness: Readiness,
-    broker_ca_file: Option<PathBuf>,
-    config: watch::Sender<Arc<InjectConfig>>,
-    shutdown: Shutdown,
-) {
+/// Periodic check: the serving certificate in force must not be expired (readiness).
+async fn watch_health(tls: TlsAcceptorSource, readiness: Readiness, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -320,31 +322,6 @@ async fn watch_health(
             );
         } else {
             readiness.set_ready(CERT_READY);
-        }
-        let Some(path) = &broker_ca_file else {
-            continue;
-        };
-        let path = path.clone();
-        match tokio::task::spawn_blocking(move || read_broker_ca(&path)).await {
-            Ok(Ok(ca)) => {
-                config.send_if_modified(|current| {
-                    if current.broker_ca.as_deref() == Some(ca.as_str()) {
-                        return false;
-                    }
-                    tracing::info!("broker CA bundle changed; new pods get the new one");
-                    let mut next = InjectConfig::clone(current);
-                    next.broker_ca = Some(ca);
-                    *current = Arc::new(next);
-                    true
-                });
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "cannot re-read the broker CA bundle; keeping the current one"
-                )
-            }
-            Err(e) => tracing::warn!(error = %e, "broker CA re-read task failed"),
         }
     }
 }
@@ -367,7 +344,11 @@ mod tests {
         assert_eq!(args.max_body_bytes, 3 * 1024 * 1024);
         assert_eq!(args.shutdown_delay, Duration::from_secs(5));
         let cfg = args.inject_config().unwrap();
-        assert_eq!(cfg.broker_ca, None);
+        assert_eq!(
+            cfg.broker_ca_configmap.as_deref(),
+            Some("etcd-shim-broker-ca")
+        );
+        assert_eq!(cfg.run_as_user, Some(65532));
         assert_eq!(cfg.cpu_request, "10m");
         assert_eq!(cfg.memory_request, "16Mi");
         assert_eq!(cfg.memory_limit, "64Mi");
@@ -414,31 +395,41 @@ mod tests {
     }
 
     #[test]
-    fn broker_ca_file_is_read_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap()
-            .pem();
-        let good = dir.path().join("ca.crt");
-        std::fs::write(&good, &ca).unwrap();
-        let args = Args::try_parse_from([
-            "etcd-shim-injector".as_ref(),
-            "--broker-ca-file".as_ref(),
-            good.as_os_str(),
+    fn tls_needs_a_ca_configmap_and_ids_may_be_left_unset() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["etcd-shim-injector"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap().inject_config()
+        };
+        let err = parse(&["--broker-ca-configmap", ""])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--broker-ca-configmap"), "{err}");
+        let cfg = parse(&[
+            "--broker-url",
+            "http://b.dev.svc:2379",
+            "--broker-ca-configmap",
+            "",
         ])
         .unwrap();
-        assert_eq!(
-            args.inject_config().unwrap().broker_ca.as_deref(),
-            Some(ca.as_str())
-        );
+        assert_eq!(cfg.broker_ca_configmap, None);
+        let err = parse(&["--broker-url", "b.dev.svc:2379"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
 
-        let bad = dir.path().join("empty.crt");
-        std::fs::write(&bad, "nothing here").unwrap();
-        let err = format!("{:#}", read_broker_ca(&bad).unwrap_err());
-        assert!(err.contains("holds no certificate"), "{err}");
-        assert!(read_broker_ca(&dir.path().join("absent.crt")).is_err());
+        assert_eq!(
+            parse(&["--shim-run-as-user", ""]).unwrap().run_as_user,
+            None
+        );
+        assert_eq!(
+            parse(&["--shim-run-as-user", "1000"]).unwrap().run_as_user,
+            Some(1000)
+        );
+        for bad in ["0", "root", "-1"] {
+            let flag = format!("--shim-run-as-user={bad}");
+            let err = parse(&[&flag]).unwrap_err().to_string();
+            assert!(err.contains("--shim-run-as-user"), "{bad}: {err}");
+        }
     }
 }

@@ -43,8 +43,22 @@ pub const SHIM_ADMIN_PORT: i32 = 9379;
 pub const SHIM_ADMIN_PORT_NAME: &str = "shim-admin";
 /// Non-root user and group of the shim (the distroless "nonroot" ids).
 pub const SHIM_UID: i64 = 65532;
+/// Where the image puts the shim binary; the classic sidecar's postStart hook runs it.
+pub const SHIM_BINARY: &str = "/usr/local/bin/etcd-shim";
+/// File in [`TOKEN_DIR`] holding the broker's CA bundle, projected from a ConfigMap of the
+/// pod's namespace into the token volume, so the kubelet refreshes it in place and the
+/// shim's next broker connection uses a rotated bundle.
+pub const BROKER_CA_FILE: &str = "ca.crt";
+/// Key of the bundle in that ConfigMap (what webhook-certs and cert-manager's trust-manager
+/// write).
+pub const BROKER_CA_KEY: &str = "ca.crt";
+/// Pod annotation that makes `kubectl logs`/`exec` pick the application, not the shim,
+/// when the shim is the first regular container (classic mode).
+pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
 pub const DEFAULT_BROKER_URL: &str = "https://etcd-shim-broker.etcd-shim.svc:2379";
+/// ConfigMap (in each opted-in namespace) with the broker's CA bundle.
+pub const DEFAULT_BROKER_CA_CONFIGMAP: &str = "etcd-shim-broker-ca";
 pub const DEFAULT_CPU_REQUEST: &str = "10m";
 pub const DEFAULT_MEMORY_REQUEST: &str = "16Mi";
 pub const DEFAULT_MEMORY_LIMIT: &str = "64Mi";
@@ -61,8 +75,9 @@ pub enum SidecarMode {
     /// before the application, stopped after it.
     #[default]
     Native,
-    /// First regular container, for clusters without native sidecars. Start order is not
-    /// guaranteed, so applications must retry their first etcd connection.
+    /// First regular container, for clusters without native sidecars. A postStart hook
+    /// that waits for the shim's readiness holds back the containers after it (the kubelet
+    /// starts them in order, each after the previous one's postStart hook returns).
     Classic,
 }
 
@@ -90,9 +105,10 @@ pub struct InjectConfig {
     pub image: String,
     /// Broker URL the shim connects to.
     pub broker_url: String,
-    /// PEM bundle the shim trusts for the broker's serving certificate; `None` means the
-    /// shim's own default trust.
-    pub broker_ca: Option<String>,
+    /// ConfigMap of the pod's namespace holding the CA bundle the shim trusts for the
+    /// broker (key [`BROKER_CA_KEY`]); projected as a file, never copied into the spec.
+    /// Unused for an `http://` broker.
+    pub broker_ca_configmap: Option<String>,
     /// Shim log filter (`RUST_LOG` syntax).
     pub log_level: String,
     /// Shim log format.
@@ -106,6 +122,9 @@ pub struct InjectConfig {
     /// Shim memory limit (Kubernetes quantity). No CPU limit: throttling a proxy on the
     /// data path hurts latency more than it protects the node.
     pub memory_limit: String,
+    /// UID and GID the shim runs as; `None` leaves them to the platform (OpenShift's
+    /// restricted-v2 SCC assigns one from the namespace's range and refuses fixed ones).
+    pub run_as_user: Option<i64>,
 }
 
 impl Default for InjectConfig {
@@ -113,13 +132,14 @@ impl Default for InjectConfig {
         Self {
             image: default_image(),
             broker_url: DEFAULT_BROKER_URL.to_string(),
-            broker_ca: None,
+            broker_ca_configmap: Some(DEFAULT_BROKER_CA_CONFIGMAP.to_string()),
             log_level: "info".to_string(),
             log_format: LogFormat::Plain,
             mode: SidecarMode::Native,
             cpu_request: DEFAULT_CPU_REQUEST.to_string(),
             memory_request: DEFAULT_MEMORY_REQUEST.to_string(),
             memory_limit: DEFAULT_MEMORY_LIMIT.to_string(),
+            run_as_user: Some(SHIM_UID),
         }
     }
 }

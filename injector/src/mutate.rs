@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
+    KeyToPath, Lifecycle, LifecycleHandler, Pod, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -149,7 +150,7 @@ pub fn mutate(
             };
         }
     };
-    let volume = match serde_json::to_value(token_volume()) {
+    let volume = match serde_json::to_value(token_volume(&shim)) {
         Ok(v) => v,
         Err(e) => {
             return Decision::Deny {
@@ -158,20 +159,36 @@ pub fn mutate(
         }
     };
 
-    let mut ops = Vec::with_capacity(3);
+    let mut new_annotations = vec![(STATUS_ANNOTATION, STATUS_INJECTED.to_string())];
+    // In classic mode the shim becomes containers[0], which kubectl would otherwise pick for
+    // `logs` and `exec`. A choice the pod already made is kept.
+    if shim.mode == SidecarMode::Classic
+        && annotation(DEFAULT_CONTAINER_ANNOTATION).is_none()
+        && let Some(app) = spec.containers.first()
+    {
+        new_annotations.push((DEFAULT_CONTAINER_ANNOTATION, app.name.clone()));
+    }
+
+    let mut ops = Vec::with_capacity(4);
     // The annotation map, the volume list and the container lists may all be absent; JSON
     // Patch cannot add below a missing parent, so create the whole member in that case.
     // ("add" on an existing empty member replaces it, which is also what we want.)
-    ops.push(match annotations {
-        Some(a) if !a.is_empty() => add(
-            &["metadata", "annotations", STATUS_ANNOTATION],
-            Value::from(STATUS_INJECTED),
-        ),
-        _ => add(
+    match annotations {
+        Some(a) if !a.is_empty() => {
+            for (key, value) in new_annotations {
+                ops.push(add(&["metadata", "annotations", key], Value::from(value)));
+            }
+        }
+        _ => ops.push(add(
             &["metadata", "annotations"],
-            serde_json::json!({ STATUS_ANNOTATION: STATUS_INJECTED }),
-        ),
-    });
+            Value::Object(
+                new_annotations
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Value::from(v)))
+                    .collect(),
+            ),
+        )),
+    }
     ops.push(match spec.volumes.as_deref() {
         Some([_, ..]) => add(&["spec", "volumes", "-"], volume),
         _ => add(&["spec", "volumes"], Value::Array(vec![volume])),
@@ -256,6 +273,20 @@ impl<'a> Settings<'a> {
             mode,
         })
     }
+
+    /// The ConfigMap to project as the broker's CA bundle: only for a TLS broker.
+    fn broker_ca_configmap(&self) -> Option<&str> {
+        if self.plaintext() {
+            return None;
+        }
+        self.cfg.broker_ca_configmap.as_deref()
+    }
+
+    /// An `http://` broker: the operator chose plaintext explicitly (the chart only renders
+    /// one behind a value named as dangerous).
+    fn plaintext(&self) -> bool {
+        self.cfg.broker_url.starts_with("http://")
+    }
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -289,12 +320,15 @@ fn shim_container(s: &Settings<'_>) -> Container {
         env("ETCD_SHIM_SHIM_ADMIN_LISTEN", SHIM_ADMIN_LISTEN),
         env("ETCD_SHIM_SHIM_BROKER", &s.cfg.broker_url),
     ];
-    if let Some(ca) = &s.cfg.broker_ca {
-        env_vars.push(env("ETCD_SHIM_SHIM_BROKER_CA", ca));
+    if s.broker_ca_configmap().is_some() {
+        env_vars.push(env(
+            "ETCD_SHIM_SHIM_BROKER_CA_FILE",
+            &format!("{TOKEN_DIR}/{BROKER_CA_FILE}"),
+        ));
     }
     // The shim refuses plaintext unless told; an operator who configured an http://
     // broker (a development cluster) has said so already.
-    if s.cfg.broker_url.starts_with("http://") {
+    if s.plaintext() {
         env_vars.push(env("ETCD_SHIM_SHIM_BROKER_INSECURE_PLAINTEXT", "true"));
     }
     env_vars.extend([
@@ -326,6 +360,23 @@ fn shim_container(s: &Settings<'_>) -> Container {
         // the shim can reach the broker, so the application's first etcd call works.
         // Two minutes of patience before the kubelet restarts the shim.
         startup_probe: native.then(|| http_probe("/ready", 1, 120)),
+        // Classic mode has no startup probe that gates the app; but the kubelet starts
+        // regular containers in order and waits for each one's postStart hook first, so a
+        // hook that returns once the shim is ready holds back the application the same way.
+        // It gives up (and the kubelet restarts the shim) after the same two minutes.
+        lifecycle: (!native).then(|| Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        SHIM_BINARY.to_string(),
+                        "wait-ready".to_string(),
+                        "--timeout=120s".to_string(),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 3)),
         resources: Some(ResourceRequirements {
@@ -341,8 +392,8 @@ fn shim_container(s: &Settings<'_>) -> Container {
         }),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(SHIM_UID),
-            run_as_group: Some(SHIM_UID),
+            run_as_user: s.cfg.run_as_user,
+            run_as_group: s.cfg.run_as_user,
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
@@ -366,20 +417,37 @@ fn shim_container(s: &Settings<'_>) -> Container {
     }
 }
 
-/// The projected token volume. Projected tokens are independent of
-/// `automountServiceAccountToken`, so pods that turn automount off still get one.
-fn token_volume() -> Volume {
+/// The projected volume: the token and, for a TLS broker, the CA bundle. Projected tokens
+/// are independent of `automountServiceAccountToken`, so pods that turn automount off still
+/// get one. The ConfigMap is not optional: until it exists the kubelet keeps the pod in
+/// ContainerCreating, which is clearer than a shim that cannot verify the broker.
+fn token_volume(s: &Settings<'_>) -> Volume {
+    let mut sources = vec![VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience: Some(TOKEN_AUDIENCE.to_string()),
+            expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+            path: TOKEN_FILE.to_string(),
+        }),
+        ..Default::default()
+    }];
+    if let Some(name) = s.broker_ca_configmap() {
+        sources.push(VolumeProjection {
+            config_map: Some(ConfigMapProjection {
+                name: name.to_string(),
+                items: Some(vec![KeyToPath {
+                    key: BROKER_CA_KEY.to_string(),
+                    path: BROKER_CA_FILE.to_string(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        });
+    }
     Volume {
         name: TOKEN_VOLUME.to_string(),
         projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(TOKEN_AUDIENCE.to_string()),
-                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
-                    path: TOKEN_FILE.to_string(),
-                }),
-                ..Default::default()
-            }]),
+            sources: Some(sources),
             default_mode: None,
         }),
         ..Default::default()
@@ -585,20 +653,135 @@ mod tests {
         );
     }
 
+    /// The volume sources of the injected token volume.
+    fn token_sources(doc: &Value) -> Vec<Value> {
+        doc["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == TOKEN_VOLUME)
+            .expect("token volume")["projected"]["sources"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
     #[test]
-    fn broker_ca_is_passed_only_when_configured() {
-        let (_, shim) = injected(minimal(), &InjectConfig::default());
+    fn broker_ca_is_a_projected_file_never_an_env_var() {
+        let (doc, shim) = injected(minimal(), &InjectConfig::default());
+        assert!(
+            shim.env.iter().flatten().all(|e| !e
+                .value
+                .as_deref()
+                .unwrap_or("")
+                .contains("BEGIN CERTIFICATE")),
+            "no certificate text in the environment"
+        );
         assert_eq!(env_value(&shim, "ETCD_SHIM_SHIM_BROKER_CA"), None);
+        assert_eq!(
+            env_value(&shim, "ETCD_SHIM_SHIM_BROKER_CA_FILE"),
+            Some("/var/run/secrets/etcd-shim/ca.crt")
+        );
+        // The file comes from the namespace's ConfigMap, in the mounted token volume.
+        let sources = token_sources(&doc);
+        assert_eq!(
+            sources[1]["configMap"],
+            json!({"name": "etcd-shim-broker-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "optional": false})
+        );
+        let mount = &shim.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            (TOKEN_VOLUME, "/var/run/secrets/etcd-shim")
+        );
+
         let cfg = InjectConfig {
-            broker_ca: Some(
-                "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
-            ),
+            broker_ca_configmap: Some("my-ca".into()),
             ..InjectConfig::default()
         };
-        let (_, shim) = injected(minimal(), &cfg);
+        let (doc, _) = injected(minimal(), &cfg);
+        assert_eq!(token_sources(&doc)[1]["configMap"]["name"], "my-ca");
+    }
+
+    #[test]
+    fn a_plaintext_broker_gets_no_ca_bundle() {
+        let cfg = InjectConfig {
+            broker_url: "http://broker.dev.svc:2379".into(),
+            ..InjectConfig::default()
+        };
+        let (doc, shim) = injected(minimal(), &cfg);
+        assert_eq!(token_sources(&doc).len(), 1, "token only");
+        assert_eq!(env_value(&shim, "ETCD_SHIM_SHIM_BROKER_CA_FILE"), None);
+    }
+
+    #[test]
+    fn classic_mode_points_kubectl_at_the_app_and_holds_it_until_the_shim_is_ready() {
+        let cfg = InjectConfig {
+            mode: SidecarMode::Classic,
+            ..InjectConfig::default()
+        };
+        let (doc, shim) = injected(minimal(), &cfg);
         assert_eq!(
-            env_value(&shim, "ETCD_SHIM_SHIM_BROKER_CA"),
-            cfg.broker_ca.as_deref()
+            doc["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+            "app"
+        );
+        let hook = shim
+            .lifecycle
+            .and_then(|l| l.post_start)
+            .and_then(|h| h.exec)
+            .and_then(|e| e.command)
+            .expect("a postStart exec hook");
+        assert_eq!(
+            hook,
+            ["/usr/local/bin/etcd-shim", "wait-ready", "--timeout=120s"]
+        );
+
+        // With other annotations present the key is added beside them; a choice the pod
+        // made is kept.
+        let v = with_annotations(json!({"team": "storage"}));
+        let (doc, _) = injected(v, &cfg);
+        assert_eq!(
+            doc["metadata"]["annotations"],
+            json!({"team": "storage", "etcd-shim.io/status": "injected", "kubectl.kubernetes.io/default-container": "app"})
+        );
+        let v = with_annotations(json!({"kubectl.kubernetes.io/default-container": "sidecar"}));
+        let (doc, _) = injected(v, &cfg);
+        assert_eq!(
+            doc["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+            "sidecar"
+        );
+    }
+
+    #[test]
+    fn native_mode_needs_neither_hook_nor_default_container() {
+        let (doc, shim) = injected(minimal(), &InjectConfig::default());
+        assert_eq!(
+            doc["metadata"]["annotations"],
+            json!({"etcd-shim.io/status": "injected"})
+        );
+        assert!(shim.lifecycle.is_none());
+        assert!(shim.startup_probe.is_some());
+    }
+
+    #[test]
+    fn ids_can_be_left_to_the_platform() {
+        let (_, shim) = injected(minimal(), &InjectConfig::default());
+        let sc = shim.security_context.unwrap();
+        assert_eq!(
+            (sc.run_as_user, sc.run_as_group),
+            (Some(65532), Some(65532))
+        );
+        let cfg = InjectConfig {
+            run_as_user: None,
+            ..InjectConfig::default()
+        };
+        let (doc, shim) = injected(minimal(), &cfg);
+        let sc = shim.security_context.unwrap();
+        assert_eq!((sc.run_as_user, sc.run_as_group), (None, None));
+        assert_eq!(sc.run_as_non_root, Some(true), "still never root");
+        let json = serde_json::to_string(&doc).unwrap();
+        assert!(
+            !json.contains("runAsUser") && !json.contains("runAsGroup"),
+            "{json}"
         );
     }
 

@@ -10,8 +10,6 @@ use etcd_shim_injector::{Decision, InjectConfig, SidecarMode, SkipReason, mutate
 use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde_json::{Value, json};
 
-const BROKER_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfixture\n-----END CERTIFICATE-----\n";
-
 fn fixture(name: &str) -> Value {
     // The repository is checked out next to `shared/`: <dir>/main and <dir>/shared.
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,7 +31,7 @@ fn pod(v: &Value) -> Pod {
 fn config() -> InjectConfig {
     InjectConfig {
         image: "registry.example/etcd-shim:1.2.3".to_string(),
-        broker_ca: Some(BROKER_CA.to_string()),
+        broker_ca_configmap: Some("broker-ca".to_string()),
         ..InjectConfig::default()
     }
 }
@@ -61,7 +59,7 @@ fn expected_native_shim() -> Container {
             {"name": "ETCD_SHIM_SHIM_LISTEN", "value": "127.0.0.1:2379"},
             {"name": "ETCD_SHIM_SHIM_ADMIN_LISTEN", "value": "0.0.0.0:9379"},
             {"name": "ETCD_SHIM_SHIM_BROKER", "value": "https://etcd-shim-broker.etcd-shim.svc:2379"},
-            {"name": "ETCD_SHIM_SHIM_BROKER_CA", "value": BROKER_CA},
+            {"name": "ETCD_SHIM_SHIM_BROKER_CA_FILE", "value": "/var/run/secrets/etcd-shim/ca.crt"},
             {"name": "ETCD_SHIM_SHIM_TOKEN_FILE", "value": "/var/run/secrets/etcd-shim/token"},
             {"name": "ETCD_SHIM_SHIM_LOG_LEVEL", "value": "info"},
             {"name": "ETCD_SHIM_SHIM_LOG_FORMAT", "value": "plain"}
@@ -103,11 +101,18 @@ fn expected_native_shim() -> Container {
 fn expected_token_volume() -> Volume {
     serde_json::from_value(json!({
         "name": "etcd-shim-token",
-        "projected": {"sources": [{"serviceAccountToken": {
-            "audience": "etcd-shim",
-            "expirationSeconds": 3600,
-            "path": "token"
-        }}]}
+        "projected": {"sources": [
+            {"serviceAccountToken": {
+                "audience": "etcd-shim",
+                "expirationSeconds": 3600,
+                "path": "token"
+            }},
+            {"configMap": {
+                "name": "broker-ca",
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                "optional": false
+            }}
+        ]}
     }))
     .unwrap()
 }
@@ -290,7 +295,17 @@ fn classic_mode_puts_the_shim_first_among_containers() {
     let mut expected = expected_native_shim();
     expected.restart_policy = None;
     expected.startup_probe = None;
+    expected.lifecycle = Some(
+        serde_json::from_value(json!({"postStart": {"exec": {"command": [
+            "/usr/local/bin/etcd-shim", "wait-ready", "--timeout=120s"
+        ]}}}))
+        .unwrap(),
+    );
     assert_eq!(spec.containers[0], expected);
+    assert_eq!(
+        after.metadata.annotations.as_ref().unwrap()["kubectl.kubernetes.io/default-container"],
+        "apiserver"
+    );
     assert_eq!(
         spec.init_containers,
         original.spec.as_ref().unwrap().init_containers

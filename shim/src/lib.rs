@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use etcd_shim_core::shutdown::Shutdown;
 
 pub use connect::{Dialer, Trust};
+pub mod ready;
 pub use endpoint::Endpoints;
 pub use token::TokenSource;
 
@@ -171,25 +172,31 @@ impl Forwarder {
     /// makes too. So the pod is ready only when it can really use etcd: the broker accepts
     /// its token, admits its tenant, and reaches etcd. The calls show in the broker's
     /// request metrics under `Alarm`, apart from the app's reads.
-    pub async fn probe(&self) -> Result<(), String> {
-        let token = self.inner.token.current().map_err(|e| e.to_string())?;
+    pub async fn probe(&self) -> Result<(), NotReady> {
+        let token = self
+            .inner
+            .token
+            .current()
+            .map_err(|e| NotReady::new(Unready::NoToken, format!("no token: {e}")))?;
+        let other = |e: String| NotReady::new(Unready::Other, e);
         let uri = self
             .uri(Some(&PathAndQuery::from_static(
                 "/etcdserverpb.Maintenance/Alarm",
             )))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| other(e.to_string()))?;
         let req = Request::post(uri)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header("te", "trailers")
             .header(http::header::AUTHORIZATION, token)
             // AlarmRequest { action: GET } is all defaults: an empty message.
             .body(Full::new(grpc::frame(&[])))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| other(e.to_string()))?;
+        let unreachable = |why: String| NotReady::new(Unready::BrokerUnreachable, why);
         let resp =
             tokio::time::timeout(Duration::from_secs(3), self.inner.probe_client.request(req))
                 .await
-                .map_err(|_| "broker did not answer within 3s".to_string())?
-                .map_err(|e| format!("broker unreachable: {}", error_chain(&e)))?;
+                .map_err(|_| unreachable("broker did not answer within 3s".to_string()))?
+                .map_err(|e| unreachable(format!("broker unreachable: {}", error_chain(&e))))?;
         let (code, message): (u16, String) = match grpc::status_of(resp.headers()) {
             Some(code) => (code, grpc::message_of(resp.headers())),
             None => {
@@ -197,7 +204,7 @@ impl Forwarder {
                     .into_body()
                     .collect()
                     .await
-                    .map_err(|e| format!("broker: {e}"))?;
+                    .map_err(|e| unreachable(format!("broker: {e}")))?;
                 let trailers = collected.trailers();
                 (
                     trailers.and_then(grpc::status_of).unwrap_or(2),
@@ -209,16 +216,91 @@ impl Forwarder {
     }
 }
 
+/// Why the shim is not ready. The `as_str` names are the `reason` label of the
+/// `etcd_shim_unready` metric, so a dashboard tells a missing RBAC binding (token refused)
+/// from a tenant missing in the broker config (not admitted) from a network problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unready {
+    /// The token file is missing, empty or unreadable.
+    NoToken,
+    /// The broker does not accept the token (Unauthenticated): wrong audience, expired,
+    /// or the broker may not review tokens (its system:auth-delegator binding).
+    TokenRefused,
+    /// The token is valid but the broker config admits no tenant for it
+    /// (PermissionDenied).
+    NotAdmitted,
+    /// No connection to the broker: DNS, network policy, TLS (an untrusted certificate).
+    BrokerUnreachable,
+    /// The broker answered Unavailable: it cannot reach etcd.
+    BrokerUnavailable,
+    /// Any other answer.
+    Other,
+}
+
+impl Unready {
+    pub const ALL: [Unready; 6] = [
+        Unready::NoToken,
+        Unready::TokenRefused,
+        Unready::NotAdmitted,
+        Unready::BrokerUnreachable,
+        Unready::BrokerUnavailable,
+        Unready::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unready::NoToken => "no_token",
+            Unready::TokenRefused => "token_refused",
+            Unready::NotAdmitted => "not_admitted",
+            Unready::BrokerUnreachable => "broker_unreachable",
+            Unready::BrokerUnavailable => "broker_unavailable",
+            Unready::Other => "other",
+        }
+    }
+}
+
+/// A failed probe: its reason and what the broker or the connection said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotReady {
+    pub reason: Unready,
+    pub detail: String,
+}
+
+impl NotReady {
+    fn new(reason: Unready, detail: String) -> Self {
+        Self { reason, detail }
+    }
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// Whether a probe's gRPC status means the pod can use etcd, and if not, why. A tenant
 /// over its rate limit is still admitted, so it stays ready rather than flapping.
-fn probe_verdict(code: u16, message: &str) -> Result<(), String> {
-    match code {
-        0 | 8 => Ok(()),
-        16 => Err(format!("the broker refused the pod's token: {message}")),
-        7 => Err(format!("the broker does not admit this tenant: {message}")),
-        14 => Err(format!("the broker cannot serve: {message}")),
-        c => Err(format!("the broker answered grpc-status {c}: {message}")),
-    }
+fn probe_verdict(code: u16, message: &str) -> Result<(), NotReady> {
+    let (reason, detail) = match code {
+        0 | 8 => return Ok(()),
+        16 => (
+            Unready::TokenRefused,
+            format!("the broker refused the pod's token: {message}"),
+        ),
+        7 => (
+            Unready::NotAdmitted,
+            format!("the broker does not admit this tenant: {message}"),
+        ),
+        14 => (
+            Unready::BrokerUnavailable,
+            format!("the broker cannot serve: {message}"),
+        ),
+        c => (
+            Unready::Other,
+            format!("the broker answered grpc-status {c}: {message}"),
+        ),
+    };
+    Err(NotReady::new(reason, detail))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -340,8 +422,15 @@ mod probe_tests {
         // Throttled, but admitted: readiness must not flap with the rate limit.
         assert!(probe_verdict(8, "etcdserver: too many requests").is_ok());
         let why = |c, m| probe_verdict(c, m).unwrap_err();
-        assert!(why(16, "etcdserver: invalid auth token").contains("refused the pod's token"));
-        assert!(why(7, "etcdserver: permission denied").contains("does not admit"));
-        assert!(why(14, "etcd is unreachable").contains("cannot serve"));
+        let e = why(16, "etcdserver: invalid auth token");
+        assert!(e.detail.contains("refused the pod's token"), "{e}");
+        assert_eq!(e.reason.as_str(), "token_refused");
+        let e = why(7, "etcdserver: permission denied");
+        assert!(e.detail.contains("does not admit"), "{e}");
+        assert_eq!(e.reason.as_str(), "not_admitted");
+        let e = why(14, "etcd is unreachable");
+        assert!(e.detail.contains("cannot serve"), "{e}");
+        assert_eq!(e.reason.as_str(), "broker_unavailable");
+        assert_eq!(why(3, "").reason.as_str(), "other");
     }
 }

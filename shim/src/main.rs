@@ -15,8 +15,10 @@ use etcd_shim_core::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
-#[command(name = "etcd-shim", version, about)]
+#[command(name = "etcd-shim", version, about, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address the app's etcd client connects to.
     #[arg(long, env = "ETCD_SHIM_SHIM_LISTEN", default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
@@ -30,8 +32,8 @@ struct Args {
     /// The broker: `https://host:port`, or several comma-separated URLs of brokers to
     /// fail over between. A name that resolves to several addresses counts as several
     /// brokers. `http://` only with --broker-insecure-plaintext.
-    #[arg(long, env = "ETCD_SHIM_SHIM_BROKER")]
-    broker: String,
+    #[arg(long, env = "ETCD_SHIM_SHIM_BROKER", required = true)]
+    broker: Option<String>,
     /// PEM bundle of the CAs the broker's certificate must chain to; re-read for every
     /// new connection, so a rotated bundle applies without a restart.
     #[arg(
@@ -71,12 +73,35 @@ struct Args {
     log_level: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Wait until the shim running in this pod is ready (its /ready on the admin address
+    /// answers 200), then exit 0; exit 1 after --timeout. For the classic sidecar's
+    /// postStart hook, which holds back the application's container until it returns.
+    WaitReady {
+        /// Longest wait. No environment variable: only the hook's command line sets it,
+        /// and the container's environment is the running shim's too.
+        #[arg(long, default_value = "120s", value_parser = etcd_shim_core::parse_duration)]
+        timeout: Duration,
+    },
+}
+
 // One thread: a sidecar forwarding bytes for one app needs less than a core, and every
 // extra worker thread costs the pod memory (its stack and its own malloc arena) and
 // competes with the app for the pod's CPU. File reads still go to tokio's blocking pool.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(Command::WaitReady { timeout }) = args.command {
+        let addr = etcd_shim::ready::probe_address(args.admin_listen);
+        return match etcd_shim::ready::wait_ready(addr, timeout) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("etcd-shim: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = logging::init(args.log_format, &args.log_level) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
@@ -106,7 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let advertise = listener.local_addr()?;
-    let forwarder = Forwarder::new(target, dialer, token.clone(), advertise, metrics);
+    let forwarder = Forwarder::new(target, dialer, token.clone(), advertise, metrics.clone());
 
     let readiness = Readiness::new();
     readiness.register("token");
@@ -126,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         forwarder.clone(),
         token,
         readiness,
+        metrics,
         shutdown.clone(),
     ));
     let signals = shutdown.clone();
@@ -139,7 +165,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Checks the broker flags against each other and builds the dialer.
 fn broker_dialer(args: &Args) -> anyhow::Result<(Endpoints, Dialer)> {
-    let target = Endpoints::parse(&args.broker).context("--broker")?;
+    let target =
+        Endpoints::parse(args.broker.as_deref().unwrap_or_default()).context("--broker")?;
     let trust = if target.is_tls() {
         match (&args.broker_ca_file, &args.broker_ca) {
             (Some(path), _) => Some(Trust::load(path)?),
@@ -171,29 +198,34 @@ fn broker_dialer(args: &Args) -> anyhow::Result<(Endpoints, Dialer)> {
 }
 
 /// Ready means: a token is at hand, and the broker answers an etcd call made with it for
-/// this pod's tenant (see `Forwarder::probe`).
+/// this pod's tenant (see `Forwarder::probe`). Each change is logged once, with the reason,
+/// and the reason is also the `etcd_shim_unready` metric.
 async fn readiness_loop(
     forwarder: Forwarder,
     token: TokenSource,
     readiness: Readiness,
+    metrics: Arc<etcd_shim::metrics::Metrics>,
     shutdown: Shutdown,
 ) {
-    let mut last: Option<Result<(), String>> = None;
+    let mut last: Option<Result<(), etcd_shim::Unready>> = None;
     loop {
         readiness.set(
             "token",
             token.current().map(|_| ()).map_err(|e| e.to_string()),
         );
         let res = forwarder.probe().await;
-        if last.as_ref().map(|l| l.is_ok()) != Some(res.is_ok()) {
+        let outcome = res.as_ref().map(|_| ()).map_err(|e| e.reason);
+        if last != Some(outcome) {
             match &res {
                 Ok(()) => tracing::info!("ready: the broker serves this pod"),
-                Err(e) => tracing::warn!(reason = %e, "not ready"),
+                Err(e) => tracing::warn!(reason = e.reason.as_str(), detail = %e, "not ready"),
             }
         }
+        metrics.set_readiness(outcome.err());
+        let res = res.map_err(|e| e.to_string());
         readiness.set("broker", res.clone());
         let wait = if res.is_ok() { 5 } else { 1 };
-        last = Some(res);
+        last = Some(outcome);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
             _ = shutdown.triggered() => return,
@@ -264,5 +296,18 @@ mod tests {
             Args::try_parse_from(["etcd-shim"]).is_err(),
             "broker is required"
         );
+    }
+
+    #[test]
+    fn wait_ready_needs_no_broker() {
+        let a = Args::try_parse_from(["etcd-shim", "wait-ready", "--timeout=30s"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Some(Command::WaitReady { timeout }) if timeout == Duration::from_secs(30)
+        ));
+        let a =
+            Args::try_parse_from(["etcd-shim", "--admin-listen", "0.0.0.0:19379", "wait-ready"])
+                .unwrap();
+        assert_eq!(a.admin_listen.port(), 19379);
     }
 }

@@ -181,6 +181,11 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
@@ -189,6 +194,8 @@ pub struct Metrics {
     pub broker_errors: Counter,
     token_reloads: Family<OutcomeLabels, Counter>,
     token_expiry: Gauge,
+    ready: Gauge,
+    unready: Family<ReasonLabels, Gauge>,
 }
 
 impl Metrics {
@@ -203,7 +210,14 @@ impl Metrics {
             broker_errors: Counter::default(),
             token_reloads: Family::default(),
             token_expiry: Gauge::default(),
+            ready: Gauge::default(),
+            unready: Family::default(),
         };
+        for reason in crate::Unready::ALL {
+            let _ = m.unready.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+        }
         for outcome in ["success", "failure"] {
             let _ = m.token_reloads.get_or_create(&OutcomeLabels { outcome });
         }
@@ -243,7 +257,29 @@ impl Metrics {
             "When the token in use expires (its exp claim, unix seconds); 0 without a token or exp",
             m.token_expiry.clone(),
         );
+        r.register(
+            "ready",
+            "1 while the broker serves this pod's tenant (the readiness probe passes), else 0",
+            m.ready.clone(),
+        );
+        r.register(
+            "unready",
+            "1 for the reason the shim is not ready (no_token, token_refused, not_admitted, broker_unreachable, broker_unavailable, other), 0 for the others",
+            m.unready.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// Records the outcome of a readiness probe.
+    pub fn set_readiness(&self, why_not: Option<crate::Unready>) {
+        self.ready.set(i64::from(why_not.is_none()));
+        for reason in crate::Unready::ALL {
+            self.unready
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .set(i64::from(why_not == Some(reason)));
+        }
     }
 
     /// Records a token read: `changed` after start-up counts as a reload, by outcome;
@@ -470,6 +506,34 @@ mod tests {
             out.contains(
                 r#"etcd_shim_requests_total{service="Watch",method="Watch",code="Canceled"} 1"#
             ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn readiness_names_one_reason_at_a_time() {
+        let mut reg = Registry::default();
+        let m = Metrics::new(&mut reg);
+        let out = scrape(&reg);
+        assert!(
+            out.contains("etcd_shim_ready 0"),
+            "not ready before a probe: {out}"
+        );
+        m.set_readiness(Some(crate::Unready::NotAdmitted));
+        let out = scrape(&reg);
+        assert!(
+            out.contains(r#"etcd_shim_unready{reason="not_admitted"} 1"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"etcd_shim_unready{reason="token_refused"} 0"#),
+            "{out}"
+        );
+        m.set_readiness(None);
+        let out = scrape(&reg);
+        assert!(out.contains("etcd_shim_ready 1"), "{out}");
+        assert!(
+            out.contains(r#"etcd_shim_unready{reason="not_admitted"} 0"#),
             "{out}"
         );
     }

@@ -8,6 +8,7 @@ use clap::Parser;
 use etcd_shim_core::logging::LogFormat;
 
 use crate::certs::Policy;
+use crate::distribute::Target;
 use crate::reconcile::Config;
 
 /// Where Kubernetes puts the pod's own namespace for in-cluster clients.
@@ -49,7 +50,8 @@ pub struct Args {
     )]
     pub secret: String,
 
-    /// MutatingWebhookConfiguration whose webhooks get the CA bundle as caBundle.
+    /// MutatingWebhookConfiguration whose webhooks get the CA bundle as caBundle; empty for
+    /// a certificate that no webhook serves (the broker's).
     #[arg(
         long,
         env = "ETCD_SHIM_WEBHOOK_CERTS_WEBHOOK",
@@ -100,6 +102,19 @@ pub struct Args {
     #[arg(long, env = "ETCD_SHIM_WEBHOOK_CERTS_SKIP_MISSING_WEBHOOK")]
     pub skip_missing_webhook: bool,
 
+    /// ConfigMap that receives the CA bundle (key ca.crt) in every namespace matching
+    /// --ca-namespace-selector, so injected shims can mount it; unset writes none.
+    #[arg(long, env = "ETCD_SHIM_WEBHOOK_CERTS_CA_CONFIGMAP")]
+    pub ca_configmap: Option<String>,
+
+    /// Label selector of the namespaces that get the --ca-configmap.
+    #[arg(
+        long,
+        env = "ETCD_SHIM_WEBHOOK_CERTS_CA_NAMESPACE_SELECTOR",
+        default_value = "etcd-shim.io/inject=enabled"
+    )]
+    pub ca_namespace_selector: String,
+
     /// Keep running and reconcile every INTERVAL (e.g. 12h); without it, run once and exit.
     #[arg(long, env = "ETCD_SHIM_WEBHOOK_CERTS_INTERVAL", value_parser = parse_duration)]
     pub interval: Option<Duration>,
@@ -142,6 +157,14 @@ impl Args {
             secret_name: self.secret.clone(),
             webhook_name: self.webhook.clone(),
             skip_missing_webhook: self.skip_missing_webhook,
+            ca_target: self
+                .ca_configmap
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .map(|configmap| Target {
+                    configmap: configmap.to_string(),
+                    namespace_selector: self.ca_namespace_selector.clone(),
+                }),
         }
     }
 }
@@ -256,6 +279,34 @@ mod tests {
         assert_eq!(args.interval, None);
         assert!(!args.skip_missing_webhook);
         assert_eq!(args.log_format, LogFormat::Plain);
+        assert_eq!(args.config().ca_target, None, "no ConfigMaps unless asked");
+    }
+
+    #[test]
+    fn broker_certificate_without_webhook_and_with_distributed_bundle() {
+        let args = parse(&[
+            "--namespace",
+            "sys",
+            "--service",
+            "etcd-shim-broker",
+            "--secret",
+            "etcd-shim-broker-tls",
+            "--webhook",
+            "",
+            "--ca-configmap",
+            "etcd-shim-broker-ca",
+        ])
+        .unwrap();
+        let config = args.config_with_namespace_file(Path::new("/nonexistent"));
+        assert_eq!(config.webhook_name, "");
+        assert_eq!(
+            config.ca_target,
+            Some(Target {
+                configmap: "etcd-shim-broker-ca".into(),
+                namespace_selector: "etcd-shim.io/inject=enabled".into(),
+            })
+        );
+        assert_eq!(config.policy.common_name, "etcd-shim-broker.sys.svc");
     }
 
     #[test]
@@ -279,7 +330,7 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 13);
+        assert_eq!(checked, 15);
     }
 
     #[test]

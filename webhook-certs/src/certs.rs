@@ -433,9 +433,19 @@ fn issue_serving(policy: &Policy, ca: &Ca, now: OffsetDateTime) -> Result<(Strin
 }
 
 /// Checks the stored serving certificate against the current CA and the policy.
+/// Why the stored serving certificate must be replaced, if it must.
+///
+/// After a CA rotation the certificate of a previous CA that is still in the bundle is
+/// kept until `switch_at`, half-way through the overlap. So every client first gets a
+/// bundle trusting both CAs, then the server a certificate of the new one, then the
+/// bundle loses the old CA: each step waits hours for the previous one to reach every
+/// mounted copy (the kubelet takes a minute or two), so no client sees a certificate from
+/// a CA its copy does not trust yet, and no server keeps one its clients no longer trust.
 fn serving_reason(
     stored: &Material,
     ca: &Ca,
+    previous: &[&CertInfo],
+    switch_at: OffsetDateTime,
     policy: &Policy,
     now: OffsetDateTime,
 ) -> Option<Reason> {
@@ -464,7 +474,10 @@ fn serving_reason(
         }
     }
     if !signed_by(&cert.der, &ca.info.der) {
-        return Some(Reason::NewCa);
+        let by_previous = previous.iter().any(|p| signed_by(&cert.der, &p.der));
+        if !by_previous || now >= switch_at {
+            return Some(Reason::NewCa);
+        }
     }
     if cert.dns_names != policy.dns_names {
         return Some(Reason::NamesChanged);
@@ -535,7 +548,8 @@ pub fn plan(stored: Option<&Material>, policy: &Policy, now: OffsetDateTime) -> 
         text
     };
 
-    let (tls_crt, tls_key) = match serving_reason(stored, &ca, policy, now) {
+    let switch_at = ca.info.not_before + CLOCK_SKEW + policy.ca_overlap / 2;
+    let (tls_crt, tls_key) = match serving_reason(stored, &ca, &previous, switch_at, policy, now) {
         None => (stored.tls_crt.clone(), stored.tls_key.clone()),
         Some(reason) => {
             changes.push(Change::ServingIssued(reason));
@@ -658,37 +672,60 @@ mod tests {
     #[test]
     fn ca_rotation_keeps_the_old_ca_during_the_overlap_only() {
         let t = now();
-        let first = plan(None, &policy(), t).unwrap().material;
+        let issued = plan(None, &policy(), t).unwrap().material;
+        // A serving certificate the old CA issued shortly before the CA is due.
+        let first = plan(Some(&issued), &policy(), t + Duration::days(2430))
+            .unwrap()
+            .material;
+        assert_eq!(first.ca_crt, issued.ca_crt);
         let old_ca = one_cert(&first.ca_crt);
         // 3650 days of CA lifetime: due after about 2433 days.
         let rotation = t + Duration::days(2440);
         let rotated = plan(Some(&first), &policy(), rotation).unwrap();
+        // First only the bundle changes: clients learn the new CA while the server still
+        // presents the old CA's certificate.
         assert!(matches!(
             rotated.changes.as_slice(),
-            [
-                Change::CaIssued(Reason::RenewalDue { .. }),
-                Change::ServingIssued(Reason::NewCa)
-            ]
+            [Change::CaIssued(Reason::RenewalDue { .. })]
         ));
         let bundle = parse_bundle(rotated.material.ca_crt.as_bytes()).unwrap();
         assert_eq!(bundle.len(), 2);
         assert_ne!(bundle[0].der, old_ca.der);
         assert_eq!(bundle[1].der, old_ca.der);
+        assert_eq!(rotated.material.tls_crt, first.tls_crt);
+        let early = plan(
+            Some(&rotated.material),
+            &policy(),
+            rotation + Duration::hours(11),
+        )
+        .unwrap();
+        assert!(early.is_unchanged(), "{:?}", early.changes);
+
+        // Half-way through the overlap the server switches to the new CA, while the
+        // bundle still trusts both.
+        let switched = plan(
+            Some(&rotated.material),
+            &policy(),
+            rotation + Duration::hours(13),
+        )
+        .unwrap();
+        assert_eq!(switched.changes, [Change::ServingIssued(Reason::NewCa)]);
+        assert_eq!(switched.material.ca_crt, rotated.material.ca_crt);
         assert!(signed_by(
-            &one_cert(&rotated.material.tls_crt).der,
+            &one_cert(&switched.material.tls_crt).der,
             &bundle[0].der
         ));
 
-        // Within the overlap nothing changes; after it the old CA leaves the bundle.
+        // Within the overlap nothing else changes; after it the old CA leaves the bundle.
         let during = plan(
-            Some(&rotated.material),
+            Some(&switched.material),
             &policy(),
             rotation + Duration::hours(23),
         )
         .unwrap();
         assert!(during.is_unchanged(), "{:?}", during.changes);
         let after = plan(
-            Some(&rotated.material),
+            Some(&switched.material),
             &policy(),
             rotation + Duration::hours(25),
         )
@@ -697,7 +734,23 @@ mod tests {
         let bundle_after = parse_bundle(after.material.ca_crt.as_bytes()).unwrap();
         assert_eq!(bundle_after.len(), 1);
         assert_eq!(bundle_after[0].der, bundle[0].der);
-        assert_eq!(after.material.tls_crt, rotated.material.tls_crt);
+        assert_eq!(after.material.tls_crt, switched.material.tls_crt);
+
+        // A run that comes only after the whole overlap (a daily CronJob that missed a
+        // day) switches and drops in one go.
+        let late = plan(
+            Some(&rotated.material),
+            &policy(),
+            rotation + Duration::hours(30),
+        )
+        .unwrap();
+        assert_eq!(
+            late.changes,
+            [
+                Change::PreviousCaDropped { count: 1 },
+                Change::ServingIssued(Reason::NewCa)
+            ]
+        );
     }
 
     #[test]
@@ -764,18 +817,25 @@ mod tests {
                 .iter()
                 .any(|c| matches!(c, Change::CaIssued(Reason::Unusable(_))));
             assert_eq!(ca_issued, new_ca, "{name}: {:?}", p.changes);
-            assert!(
-                p.changes
-                    .iter()
-                    .any(|c| matches!(c, Change::ServingIssued(_))),
-                "{name}: {:?}",
-                p.changes
-            );
             let bundle = parse_bundle(p.material.ca_crt.as_bytes()).unwrap();
-            assert!(
-                signed_by(&one_cert(&p.material.tls_crt).der, &bundle[0].der),
-                "{name}"
-            );
+            let leaf = one_cert(&p.material.tls_crt);
+            if new_ca {
+                // A usable certificate of the old CA, which stays in the bundle, is kept
+                // until half-way through the overlap, like after any CA rotation.
+                assert!(
+                    bundle.iter().any(|ca| signed_by(&leaf.der, &ca.der)),
+                    "{name}: the serving certificate is trusted"
+                );
+            } else {
+                assert!(
+                    p.changes
+                        .iter()
+                        .any(|c| matches!(c, Change::ServingIssued(_))),
+                    "{name}: {:?}",
+                    p.changes
+                );
+                assert!(signed_by(&leaf.der, &bundle[0].der), "{name}");
+            }
             // The result is stable: planning again changes nothing.
             assert!(
                 plan(Some(&p.material), &policy(), t)

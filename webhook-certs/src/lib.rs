@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod certs;
+pub mod distribute;
 pub mod reconcile;
 
 use std::future::Future;
@@ -24,7 +25,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     match args.interval {
         None => {
             let report = reconcile::reconcile(client, &config).await?;
-            log_report(&config, &report);
+            log_report(&config, &report, true);
             Ok(())
         }
         Some(interval) => {
@@ -50,7 +51,9 @@ pub async fn run_periodic(
     info!(interval = ?interval, "reconciling periodically");
     loop {
         match reconcile::reconcile(client.clone(), config).await {
-            Ok(report) => log_report(config, &report),
+            // Every pass that changes nothing says so only at debug level: the broker's
+            // certificate loop runs every minute.
+            Ok(report) => log_report(config, &report, false),
             Err(err) => {
                 error!(error = %error_chain(&err), "reconcile failed, retrying at the next interval")
             }
@@ -62,8 +65,14 @@ pub async fn run_periodic(
     }
 }
 
-fn log_report(config: &Config, report: &Report) {
-    if report.is_unchanged() {
+fn log_report(config: &Config, report: &Report, once: bool) {
+    if report.is_unchanged() && !once {
+        tracing::debug!(
+            secret = %config.secret_name,
+            namespace = %config.namespace,
+            "certificates valid and trusted everywhere; nothing changed"
+        );
+    } else if report.is_unchanged() {
         info!(
             secret = %config.secret_name,
             namespace = %config.namespace,
@@ -75,6 +84,7 @@ fn log_report(config: &Config, report: &Report) {
             namespace = %config.namespace,
             written = ?report.secret,
             patched_webhooks = ?report.patched_webhooks,
+            ca_configmaps = report.ca_configmaps.len(),
             "certificates reconciled"
         );
     }

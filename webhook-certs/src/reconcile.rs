@@ -81,7 +81,7 @@ pub enum Error {
 
 impl Error {
     /// Maps a kube error into one naming the object and the attempted verb.
-    fn from_kube(verb: &'static str, object: &str, err: kube::Error) -> Self {
+    pub(crate) fn from_kube(verb: &'static str, object: &str, err: kube::Error) -> Self {
         match err {
             kube::Error::Api(status) => Self::Api {
                 verb,
@@ -134,12 +134,16 @@ pub struct Config {
     pub namespace: String,
     /// Name of the Secret that holds the certificates.
     pub secret_name: String,
-    /// Name of the MutatingWebhookConfiguration whose caBundle is kept in sync.
+    /// Name of the MutatingWebhookConfiguration whose caBundle is kept in sync; empty for a
+    /// certificate no webhook serves (the broker's).
     pub webhook_name: String,
     /// Certificate names, validities and renewal rules.
     pub policy: Policy,
     /// Succeed (with a warning) when the webhook configuration does not exist yet.
     pub skip_missing_webhook: bool,
+    /// ConfigMaps in opted-in namespaces that receive the CA bundle, written before the
+    /// Secret (see `distribute`).
+    pub ca_target: Option<crate::distribute::Target>,
 }
 
 impl Config {
@@ -172,12 +176,16 @@ pub struct Report {
     pub patched_webhooks: Vec<String>,
     /// The webhook configuration did not exist and `skip_missing_webhook` was set.
     pub webhook_missing: bool,
+    /// Namespaces whose CA bundle ConfigMap was created or updated.
+    pub ca_configmaps: Vec<String>,
 }
 
 impl Report {
     /// True when the run made no write call.
     pub fn is_unchanged(&self) -> bool {
-        self.secret == SecretWrite::Unchanged && self.patched_webhooks.is_empty()
+        self.secret == SecretWrite::Unchanged
+            && self.patched_webhooks.is_empty()
+            && self.ca_configmaps.is_empty()
     }
 }
 
@@ -194,7 +202,7 @@ pub async fn reconcile(client: Client, config: &Config) -> Result<Report> {
 /// patch failed, in which the webhook presents a certificate the API server rejects.
 pub async fn reconcile_at(client: Client, config: &Config, now: OffsetDateTime) -> Result<Report> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let secret_object = config.secret_object();
     let webhook_object = config.webhook_object();
 
@@ -219,11 +227,16 @@ pub async fn reconcile_at(client: Client, config: &Config, now: OffsetDateTime) 
             ..Report::default()
         };
 
-        let webhook = webhooks
-            .get_opt(&config.webhook_name)
-            .await
-            .map_err(|e| Error::from_kube("get", &webhook_object, e))?;
+        let webhook = if config.webhook_name.is_empty() {
+            None
+        } else {
+            webhooks
+                .get_opt(&config.webhook_name)
+                .await
+                .map_err(|e| Error::from_kube("get", &webhook_object, e))?
+        };
         match webhook {
+            None if config.webhook_name.is_empty() => {}
             None if config.skip_missing_webhook => {
                 warn!(
                     webhook = %config.webhook_name,
@@ -262,6 +275,12 @@ pub async fn reconcile_at(client: Client, config: &Config, now: OffsetDateTime) 
                     }
                 }
             }
+        }
+
+        if let Some(target) = &config.ca_target {
+            report.ca_configmaps =
+                crate::distribute::distribute(client.clone(), target, &plan.material.ca_crt)
+                    .await?;
         }
 
         if plan.is_unchanged() {

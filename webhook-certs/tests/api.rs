@@ -67,6 +67,10 @@ struct State {
     resource_version: u64,
     calls: Vec<Call>,
     faults: Vec<(Method, &'static str, Fault)>,
+    /// Namespaces the label selector matches (the fake does not evaluate selectors).
+    namespaces: Vec<Value>,
+    /// ConfigMaps by `namespace/name`.
+    configmaps: std::collections::BTreeMap<String, Value>,
 }
 
 fn status(code: u16, reason: &str, message: &str, details: Value) -> Value {
@@ -194,6 +198,9 @@ impl State {
                 ),
             )
         };
+        if let Some(answer) = self.answer_configmaps(method, path, body) {
+            return answer;
+        }
         match (method.clone(), path) {
             (Method::GET, SECRET_PATH) => match &self.secret {
                 Some(obj) => (200, obj.clone()),
@@ -293,6 +300,63 @@ impl State {
                 ),
             ),
         }
+    }
+}
+
+impl State {
+    /// Namespaces and ConfigMaps, for the CA bundle copies; `None` for other paths.
+    fn answer_configmaps(
+        &mut self,
+        method: &Method,
+        path: &str,
+        body: &Value,
+    ) -> Option<(u16, Value)> {
+        if path == "/api/v1/namespaces" && method == Method::GET {
+            return Some((
+                200,
+                json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {}, "items": self.namespaces}),
+            ));
+        }
+        let rest = path.strip_prefix("/api/v1/namespaces/")?;
+        let (ns, rest) = rest.split_once('/')?;
+        let rest = rest.strip_prefix("configmaps")?;
+        let not_found = |name: &str| {
+            (
+                404,
+                status(
+                    404,
+                    "NotFound",
+                    &format!("configmaps \"{name}\" not found"),
+                    json!({"name": name, "kind": "configmaps"}),
+                ),
+            )
+        };
+        Some(match (method.clone(), rest.strip_prefix('/')) {
+            (Method::GET, Some(name)) => match self.configmaps.get(&format!("{ns}/{name}")) {
+                Some(cm) => (200, cm.clone()),
+                None => not_found(name),
+            },
+            (Method::POST, None) => {
+                let key = format!("{ns}/{}", body["metadata"]["name"].as_str().unwrap());
+                let stored = self.persist(body.clone(), true);
+                self.configmaps.insert(key, stored.clone());
+                (201, stored)
+            }
+            (Method::PUT, Some(name)) => {
+                let key = format!("{ns}/{name}");
+                let Some(current) = self.configmaps.get(&key) else {
+                    return Some(not_found(name));
+                };
+                assert_eq!(
+                    body["metadata"]["resourceVersion"], current["metadata"]["resourceVersion"],
+                    "updates carry the resourceVersion read"
+                );
+                let stored = self.persist(body.clone(), false);
+                self.configmaps.insert(key, stored.clone());
+                (200, stored)
+            }
+            _ => return None,
+        })
     }
 }
 
@@ -655,8 +719,13 @@ async fn near_expiry_serving_certificate_is_renewed_by_the_same_ca() {
 #[tokio::test]
 async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
     let now = OffsetDateTime::now_utc();
-    // A 3650-day CA issued 2500 days ago has 1150 days left, less than a third.
-    let old = material_issued_at(now - Duration::days(2500));
+    // A 3650-day CA issued 2435 days ago has 1215 days left, less than a third; its serving
+    // certificate was renewed three days ago, when the CA was not due yet.
+    let issued = material_issued_at(now - Duration::days(2435));
+    let old = certs::plan(Some(&issued), &config().policy, now - Duration::days(3))
+        .unwrap()
+        .material;
+    assert_eq!(old.ca_crt, issued.ca_crt);
     let old_ca = one_cert(&old.ca_crt);
     let api = FakeApi::with_webhook();
     api.seed_secret(&old);
@@ -679,29 +748,41 @@ async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
         ]
         .concat()
     );
+    // Only the bundle changes at first: the injector keeps serving the old CA's
+    // certificate while every copy of the bundle learns the new CA.
     assert!(matches!(
         report.changes.as_slice(),
-        [
-            Change::CaIssued(Reason::RenewalDue { .. }),
-            Change::ServingIssued(Reason::NewCa)
-        ]
+        [Change::CaIssued(Reason::RenewalDue { .. })]
     ));
-
     let rotated = api.material();
     let bundle = bundle_ders(rotated.ca_crt.as_bytes());
     assert_eq!(bundle.len(), 2);
     assert_ne!(bundle[0], old_ca.der);
     assert_eq!(bundle[1], old_ca.der, "the old CA stays trusted");
-    assert!(certs::signed_by(
-        &one_cert(&rotated.tls_crt).der,
-        &bundle[0]
-    ));
+    assert_eq!(rotated.tls_crt, old.tls_crt);
     assert_ne!(rotated.ca_key, old.ca_key);
     for trusted in api.ca_bundles() {
         assert_eq!(bundle_ders(&trusted.unwrap()), bundle);
     }
 
-    // Within the overlap nothing changes.
+    // Half-way through the overlap the serving certificate moves to the new CA; the
+    // bundle, already right everywhere, is not touched.
+    let report = reconcile::reconcile_at(api.client(), &config(), now + Duration::hours(13))
+        .await
+        .unwrap();
+    assert_eq!(report.changes, [Change::ServingIssued(Reason::NewCa)]);
+    assert_eq!(
+        summary(&api.take_calls()),
+        [get_get(), vec![format!("PUT {SECRET_PATH} 200")]].concat()
+    );
+    let switched = api.material();
+    assert!(certs::signed_by(
+        &one_cert(&switched.tls_crt).der,
+        &bundle[0]
+    ));
+    assert_eq!(switched.ca_crt, rotated.ca_crt);
+
+    // Within the overlap nothing else changes.
     reconcile::reconcile_at(api.client(), &config(), now + Duration::hours(23))
         .await
         .unwrap();
@@ -725,7 +806,7 @@ async fn ca_rotation_trusts_both_cas_then_drops_the_old_one() {
     );
     let trimmed = api.material();
     assert_eq!(bundle_ders(trimmed.ca_crt.as_bytes()), [bundle[0].clone()]);
-    assert_eq!(trimmed.tls_crt, rotated.tls_crt);
+    assert_eq!(trimmed.tls_crt, switched.tls_crt);
     for trusted in api.ca_bundles() {
         assert_eq!(bundle_ders(&trusted.unwrap()), [bundle[0].clone()]);
     }
@@ -1121,5 +1202,94 @@ async fn periodic_mode_keeps_going_after_a_failed_pass() {
             get_get(),
         ]
         .concat()
+    );
+}
+
+#[tokio::test]
+async fn ca_bundle_reaches_opted_in_namespaces_before_the_secret() {
+    let api = FakeApi::with_webhook();
+    {
+        let mut state = api.state();
+        state.namespaces = vec![
+            json!({"metadata": {"name": "team-a", "labels": {"etcd-shim.io/inject": "enabled"}}, "status": {"phase": "Active"}}),
+            json!({"metadata": {"name": "team-b", "labels": {"etcd-shim.io/inject": "enabled"}}, "status": {"phase": "Active"}}),
+            json!({"metadata": {"name": "going", "labels": {"etcd-shim.io/inject": "enabled"}}, "status": {"phase": "Terminating"}}),
+            json!({"metadata": {"name": "theirs", "labels": {"etcd-shim.io/inject": "enabled"}}, "status": {"phase": "Active"}}),
+        ];
+        let stale = json!({"metadata": {"name": "broker-ca", "namespace": "team-b",
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY}}, "data": {"ca.crt": "old"}});
+        let stale = state.persist(stale, true);
+        state.configmaps.insert("team-b/broker-ca".into(), stale);
+        let foreign = json!({"metadata": {"name": "broker-ca", "namespace": "theirs"}, "data": {"ca.crt": "mine"}});
+        let foreign = state.persist(foreign, true);
+        state.configmaps.insert("theirs/broker-ca".into(), foreign);
+    }
+    let config = Args::try_parse_from([
+        "etcd-shim-webhook-certs",
+        "--namespace",
+        NS,
+        "--ca-configmap",
+        "broker-ca",
+    ])
+    .unwrap()
+    .config();
+    let report = run(&api, &config).await.unwrap();
+    assert_eq!(report.ca_configmaps, ["team-a", "team-b"]);
+    let bundle = api.material().ca_crt;
+    {
+        let state = api.state();
+        for ns in ["team-a", "team-b"] {
+            assert_eq!(
+                state.configmaps[&format!("{ns}/broker-ca")]["data"]["ca.crt"],
+                json!(bundle),
+                "{ns}"
+            );
+        }
+        assert_eq!(
+            state.configmaps["theirs/broker-ca"]["data"]["ca.crt"],
+            "mine"
+        );
+        assert!(!state.configmaps.contains_key("going/broker-ca"));
+    }
+    // Every copy is written before the Secret the server presents.
+    let calls = summary(&api.take_calls());
+    let secret_write = calls
+        .iter()
+        .position(|c| c.starts_with("POST") && c.contains("/secrets"))
+        .unwrap();
+    let last_copy = calls
+        .iter()
+        .rposition(|c| c.contains("/configmaps") && !c.starts_with("GET"))
+        .unwrap();
+    assert!(last_copy < secret_write, "{calls:?}");
+
+    // Nothing due: nothing written.
+    let report = run(&api, &config).await.unwrap();
+    assert!(report.is_unchanged(), "{report:?}");
+    assert!(api.take_calls().iter().all(|c| c.method == Method::GET));
+}
+
+#[tokio::test]
+async fn without_a_webhook_only_the_secret_is_written() {
+    let api = FakeApi::default();
+    let config = Args::try_parse_from([
+        "etcd-shim-webhook-certs",
+        "--namespace",
+        NS,
+        "--webhook",
+        "",
+    ])
+    .unwrap()
+    .config();
+    let report = run(&api, &config).await.unwrap();
+    assert_eq!(report.secret, SecretWrite::Created);
+    assert!(!report.webhook_missing);
+    let calls = summary(&api.take_calls());
+    assert_eq!(
+        calls,
+        [
+            format!("GET {SECRET_PATH} 404"),
+            format!("POST {SECRETS_PATH} 201")
+        ]
     );
 }

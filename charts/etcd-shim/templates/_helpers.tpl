@@ -111,16 +111,37 @@ Ports: what the binaries listen on, their probes and Services all come from here
 {{- .Values.broker.leaseIdSecret.existingSecret | default (printf "%s-lease-ids" (include "etcd-shim.brokerName" .)) -}}
 {{- end -}}
 {{- define "etcd-shim.injectorTlsDir" -}}/etc/etcd-shim/tls{{- end -}}
-{{- define "etcd-shim.brokerCaDir" -}}/etc/etcd-shim/broker-ca{{- end -}}
+
+{{/* "true" unless the operator set the dangerous plaintext value. */}}
+{{- define "etcd-shim.brokerTls" -}}
+{{- if not .Values.broker.tls.dangerouslyDisable -}}true{{- end -}}
+{{- end -}}
 
 {{/* The URL shims use to reach the broker; https exactly when the broker serves TLS. */}}
 {{- define "etcd-shim.brokerUrl" -}}
-{{- printf "%s://%s.%s.svc:%v" (ternary "https" "http" .Values.broker.tls.enabled) (include "etcd-shim.brokerName" .) .Release.Namespace .Values.broker.service.grpcPort -}}
+{{- printf "%s://%s.%s.svc:%v" (ternary "https" "http" (eq (include "etcd-shim.brokerTls" .) "true")) (include "etcd-shim.brokerName" .) .Release.Namespace .Values.broker.service.grpcPort -}}
 {{- end -}}
 
-{{- define "etcd-shim.brokerCaSecret" -}}
-{{- default .Values.broker.tls.secretName .Values.broker.tls.caSecretName -}}
+{{/* The broker's serving Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "etcd-shim.brokerTlsSecret" -}}
+{{- default (printf "%s-broker-tls" (include "etcd-shim.fullname" .)) .Values.broker.tls.secretName -}}
 {{- end -}}
+
+{{/* The ConfigMap with the broker's CA bundle in every opted-in namespace. */}}
+{{- define "etcd-shim.brokerCaConfigMap" -}}
+{{- default (printf "%s-broker-ca" (include "etcd-shim.fullname" .)) .Values.broker.tls.caConfigMapName -}}
+{{- end -}}
+
+{{- define "etcd-shim.brokerCertsName" -}}{{ include "etcd-shim.fullname" . }}-broker-certs{{- end -}}
+
+{{/* The namespace label that opts in; fixed in the injector. */}}
+{{- define "etcd-shim.injectLabel" -}}etcd-shim.io/inject{{- end -}}
+
+{{/* Namespace of the `helm test` pod. */}}
+{{- define "etcd-shim.testNamespace" -}}
+{{- default (printf "%s-test" .Release.Namespace) .Values.tests.namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "etcd-shim.testName" -}}{{ include "etcd-shim.fullname" . }}-test{{- end -}}
 
 {{/*
 The broker config file: the values' `broker.config`. The `default` backend comes from the
@@ -128,23 +149,42 @@ broker's flags (`etcd.endpoints` and the mounted client certificate) unless the 
 define one.
 */}}
 {{- define "etcd-shim.brokerConfig" -}}
-{{- toYaml .Values.broker.config -}}
+{{- $config := deepCopy .Values.broker.config -}}
+{{- if .Values.tests.enabled -}}
+{{- /* The `helm test` pod's service account is admitted like any tenant, first so that no
+     operator rule denies it. */ -}}
+{{- $rule := dict "namespace" (include "etcd-shim.testNamespace" .) "serviceAccount" (include "etcd-shim.testName" .) -}}
+{{- $_ := set $config "tenants" (prepend (default (list) $config.tenants) $rule) -}}
+{{- end -}}
+{{- toYaml $config -}}
 {{- end -}}
 
 {{/* Pod securityContext shared by all of the chart's pods. */}}
+{{/* Pod securityContext shared by all of the chart's pods; the ids are left out when
+     podIds sets them to null (OpenShift assigns them). */}}
 {{- define "etcd-shim.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
+{{- with .Values.podIds.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.podIds.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
+{{- with .Values.podIds.fsGroup }}
+fsGroup: {{ . }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
 {{- define "etcd-shim.containerSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
+{{- with .Values.podIds.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.podIds.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
 allowPrivilegeEscalation: false
 privileged: false
 readOnlyRootFilesystem: true
@@ -266,7 +306,7 @@ templates/broker/deployment.yaml.
 {{- if eq $b.auth.mode "jwks" }}
 - {{ print "--issuer=" $b.auth.issuer | quote }}
 {{- end }}
-{{- if $b.tls.enabled }}
+{{- if include "etcd-shim.brokerTls" . }}
 - {{ print "--tls-cert-file=" (include "etcd-shim.brokerTlsDir" .) "/tls.crt" | quote }}
 - {{ print "--tls-key-file=" (include "etcd-shim.brokerTlsDir" .) "/tls.key" | quote }}
 {{- end }}
@@ -295,9 +335,8 @@ The injector's command line. The shim settings become the sidecar's environment.
 - {{ print "--tls-key=" (include "etcd-shim.injectorTlsDir" .) "/tls.key" | quote }}
 - {{ print "--shim-image=" (include "etcd-shim.image" (dict "root" . "image" $s.image)) | quote }}
 - {{ print "--broker-url=" (include "etcd-shim.brokerUrl" .) | quote }}
-{{- if .Values.broker.tls.enabled }}
-- {{ print "--broker-ca-file=" (include "etcd-shim.brokerCaDir" .) "/ca.crt" | quote }}
-{{- end }}
+- {{ print "--broker-ca-configmap=" (ternary (include "etcd-shim.brokerCaConfigMap" .) "" (eq (include "etcd-shim.brokerTls" .) "true")) | quote }}
+- {{ print "--shim-run-as-user=" (.Values.podIds.runAsUser | default "" | toString) | quote }}
 - {{ print "--sidecar-mode=" $s.sidecarMode | quote }}
 - {{ print "--shim-log-level=" $s.logLevel | quote }}
 - {{ print "--shim-log-format=" $s.logFormat | quote }}
