@@ -202,32 +202,43 @@ func startEtcd(t testing.TB, o etcdOptions) *etcdProcess {
 		t.Fatal("ETCD_SHIM_TEST_ETCD_DIR is not set: run the tests with scripts/kubernetes")
 	}
 	dir := memDir(t)
-	client, peer := freePort(t), freePort(t)
-	url := fmt.Sprintf("http://127.0.0.1:%d", client)
-	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peer)
-	args := []string{
-		"--name", "k8s", "--data-dir", filepath.Join(dir, "data"),
-		"--listen-client-urls", url, "--advertise-client-urls", url,
-		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
-		"--initial-cluster", "k8s=" + peerURL,
-		"--unsafe-no-fsync", "--logger", "zap", "--log-level", "warn",
-	}
-	if o.progressNotify > 0 {
-		// Renamed in 3.6; 3.5 knows only the experimental name.
-		flag := "--watch-progress-notify-interval"
-		if etcdMinor == "3.5" {
-			flag = "--experimental-watch-progress-notify-interval"
+	// A free port can be taken by another test's process between freePort and etcd's
+	// bind (many runs share the machine): etcd then exits at once, and gets new ports.
+	for attempt := 1; ; attempt++ {
+		client, peer := freePort(t), freePort(t)
+		url := fmt.Sprintf("http://127.0.0.1:%d", client)
+		peerURL := fmt.Sprintf("http://127.0.0.1:%d", peer)
+		args := []string{
+			"--name", "k8s", "--data-dir", filepath.Join(dir, fmt.Sprintf("data-%d", attempt)),
+			"--listen-client-urls", url, "--advertise-client-urls", url,
+			"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
+			"--initial-cluster", "k8s=" + peerURL,
+			"--unsafe-no-fsync", "--logger", "zap", "--log-level", "warn",
 		}
-		args = append(args, flag+"="+o.progressNotify.String())
-	}
-	p := spawn(t, "etcd", dir, filepath.Join(etcdDir, "etcd"), args...)
-	waitFor(t, "etcd to serve", 20*time.Second, func() error {
-		if !p.running() {
-			t.Fatalf("etcd exited early: %s", p.exit())
+		if o.progressNotify > 0 {
+			// Renamed in 3.6; 3.5 knows only the experimental name.
+			flag := "--watch-progress-notify-interval"
+			if etcdMinor == "3.5" {
+				flag = "--experimental-watch-progress-notify-interval"
+			}
+			args = append(args, flag+"="+o.progressNotify.String())
 		}
-		return httpOK(plainDial, url+"/health")
-	})
-	return &etcdProcess{url: url, proc: p}
+		p := spawn(t, fmt.Sprintf("etcd-%d", attempt), dir, filepath.Join(etcdDir, "etcd"), args...)
+		deadline := time.Now().Add(20 * time.Second)
+		for p.running() && httpOK(plainDial, url+"/health") != nil && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if p.running() {
+			waitFor(t, "etcd to serve", time.Second, func() error {
+				return httpOK(plainDial, url+"/health")
+			})
+			return &etcdProcess{url: url, proc: p}
+		}
+		if log, _ := os.ReadFile(p.log); attempt < 5 && strings.Contains(string(log), "address already in use") {
+			continue
+		}
+		t.Fatalf("etcd exited early: %s", p.exit())
+	}
 }
 
 // memDir is a temporary directory on tmpfs where the machine has one: the tests are about
