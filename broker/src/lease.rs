@@ -101,7 +101,24 @@ impl PbLeaseService for Broker {
         let asked = sent.clone();
         tokio::spawn(async move {
             while let Some(Ok(mut msg)) = downstream.next().await {
-                match broker.owned_lease(&tenant, msg.id).await {
+                // Leases the caches know cost nothing; any other costs a Range on etcd,
+                // so it is charged to the tenant's read rate (a refusal ends the stream
+                // with etcd's "too many requests").
+                let known: Vec<(i64, Option<bool>)> = tenant
+                    .lease_ids
+                    .candidates(msg.id)
+                    .map(|real| (real, broker.inner.leases.known(&tenant, real)))
+                    .collect();
+                let owned = if let Some((real, _)) = known.iter().find(|k| k.1 == Some(true)) {
+                    Ok(Some(*real))
+                } else if known.iter().all(|k| k.1 == Some(false)) {
+                    Ok(None)
+                } else if let Err(refused) = broker.rate(&tenant, Class::Read, "LeaseKeepAlive") {
+                    Err(refused)
+                } else {
+                    broker.owned_lease(&tenant, msg.id).await
+                };
+                match owned {
                     Ok(Some(real)) => {
                         {
                             let mut asked = asked.lock().unwrap_or_else(|e| e.into_inner());

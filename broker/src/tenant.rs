@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use etcd_client::proto::{PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse};
 use tonic::{Request, Status};
@@ -394,6 +395,9 @@ fn exact_name(r: &Rule) -> Option<String> {
 /// A lease as the cache knows it: (backend name, lease id).
 type LeaseKey = (Arc<str>, i64);
 
+/// A lease a tenant was found not to own: (backend name, lease id, tenant name).
+type MissingKey = (Arc<str>, i64, Arc<str>);
+
 /// Cache of lease owners in front of the records in etcd.
 #[derive(Default)]
 pub struct LeaseOwners {
@@ -401,12 +405,50 @@ pub struct LeaseOwners {
     /// lease seen as owned stays owned for its whole life (ids are never reused by etcd).
     /// The backend is part of the key because two etcd clusters can hand out one id.
     owners: Mutex<HashMap<LeaseKey, Arc<str>>>,
+    /// (backend, lease id, tenant) -> until when the tenant is known not to own it.
+    /// Consulted by keep-alives only ([`LeaseOwners::known`]), which a hostile tenant
+    /// could otherwise send for unknown IDs at no cost, each one a Range on etcd.
+    missing: Mutex<HashMap<MissingKey, Instant>>,
 }
 
 /// Bound on cached ownerships; past it the cache starts over and refills from etcd.
 const LEASE_CACHE_MAX: usize = 100_000;
 
+/// How long a lease found not owned is taken as not owned by keep-alives.
+const MISSING_TTL: Duration = Duration::from_secs(5);
+
 impl LeaseOwners {
+    /// What the caches know: owned, recently found not owned, or nothing.
+    pub fn known(&self, tenant: &Tenant, id: i64) -> Option<bool> {
+        if id <= 0 {
+            return Some(false);
+        }
+        if self.cached(id, tenant) {
+            return Some(true);
+        }
+        let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.backend.clone(), id, Arc::from(tenant.name.as_str()));
+        missing
+            .get(&key)
+            .is_some_and(|until| *until > Instant::now())
+            .then_some(false)
+    }
+
+    fn note_missing(&self, id: i64, tenant: &Tenant) {
+        let mut missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
+        if missing.len() >= LEASE_CACHE_MAX {
+            let now = Instant::now();
+            missing.retain(|_, until| *until > now);
+            if missing.len() >= LEASE_CACHE_MAX {
+                missing.clear();
+            }
+        }
+        missing.insert(
+            (tenant.backend.clone(), id, Arc::from(tenant.name.as_str())),
+            Instant::now() + MISSING_TTL,
+        );
+    }
+
     fn cached(&self, id: i64, tenant: &Tenant) -> bool {
         let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         owners
@@ -415,6 +457,10 @@ impl LeaseOwners {
     }
 
     pub fn remember(&self, id: i64, tenant: &Tenant) {
+        self.missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(tenant.backend.clone(), id, Arc::from(tenant.name.as_str())));
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         if owners.len() >= LEASE_CACHE_MAX {
             owners.clear();
@@ -454,6 +500,8 @@ impl LeaseOwners {
         let owned = resp.count > 0;
         if owned {
             self.remember(id, tenant);
+        } else {
+            self.note_missing(id, tenant);
         }
         Ok(owned)
     }
