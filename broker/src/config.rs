@@ -131,6 +131,14 @@ pub struct LimitsSpec {
     /// Writes allowed at once after a quiet spell; `writesPerSecond` rounded up when unset.
     #[serde(default)]
     pub write_burst: Option<u32>,
+    /// Sustained bytes written per second (keys as the tenant names them plus values, of
+    /// every put): bounds the history a tenant adds to etcd between compactions.
+    #[serde(default)]
+    pub write_bytes_per_second: Option<ByteSize>,
+    /// Bytes that may be written at once after a quiet spell; `writeBytesPerSecond` when
+    /// unset.
+    #[serde(default)]
+    pub write_bytes_burst: Option<ByteSize>,
     /// Unary calls in flight at once, per broker replica.
     #[serde(default)]
     pub concurrent_requests: Option<u32>,
@@ -193,6 +201,8 @@ pub struct Rate {
 pub struct Limits {
     pub reads: Option<Rate>,
     pub writes: Option<Rate>,
+    /// Bytes written; a token is a byte.
+    pub write_bytes: Option<Rate>,
     pub concurrent_requests: Option<u32>,
     pub watches: Option<u32>,
     pub leases: Option<u32>,
@@ -205,6 +215,27 @@ impl Limits {
     pub fn has_quota(&self) -> bool {
         self.keys.is_some() || self.bytes.is_some()
     }
+
+    /// The share of these limits that one of `replicas` broker replicas enforces, so
+    /// that together they allow no more than the limits: rates and bursts divided,
+    /// concurrency and watches divided and rounded up (never below 1). Leases, keys and
+    /// bytes are counted in etcd, across replicas, and stay whole.
+    pub fn per_replica(&self, replicas: u32) -> Limits {
+        let n = replicas.max(1);
+        let share = |v: u32| v.div_ceil(n).max(1);
+        let rate = |r: &Rate| Rate {
+            per_second: r.per_second / f64::from(n),
+            burst: share(r.burst),
+        };
+        Limits {
+            reads: self.reads.as_ref().map(rate),
+            writes: self.writes.as_ref().map(rate),
+            write_bytes: self.write_bytes.as_ref().map(rate),
+            concurrent_requests: self.concurrent_requests.map(share),
+            watches: self.watches.map(share),
+            ..self.clone()
+        }
+    }
 }
 
 impl LimitsSpec {
@@ -214,17 +245,20 @@ impl LimitsSpec {
             at: at.to_owned(),
             error,
         };
-        let rate = |what: &str, rate: Option<f64>, burst: Option<u32>| match (rate, burst) {
+        // `names`: the fields of the rate and of its burst.
+        let rate = |names: (&str, &str), rate: Option<f64>, burst: Option<u32>| match (rate, burst)
+        {
             (None, None) => Ok(None),
-            (None, Some(_)) => Err(bad(format!("{what}Burst needs {what}sPerSecond"))),
+            (None, Some(_)) => Err(bad(format!("{} needs {}", names.1, names.0))),
             (Some(r), burst) => {
                 if !r.is_finite() || r <= 0.0 {
                     return Err(bad(format!(
-                        "{what}sPerSecond must be a positive number (leave it out for no limit)"
+                        "{} must be a positive number (leave it out for no limit)",
+                        names.0
                     )));
                 }
                 let burst = match burst {
-                    Some(0) => return Err(bad(format!("{what}Burst must be at least 1"))),
+                    Some(0) => return Err(bad(format!("{} must be at least 1", names.1))),
                     Some(b) => b,
                     None => r.ceil().min(u32::MAX as f64) as u32,
                 };
@@ -240,17 +274,36 @@ impl LimitsSpec {
                     .into(),
             ));
         }
-        let bytes = match &self.bytes {
-            None => None,
-            Some(b) => Some(b.bytes().ok_or_else(|| {
+        let size = |what: &str, b: &Option<ByteSize>| match b {
+            None => Ok(None),
+            Some(b) => b.bytes().map(Some).ok_or_else(|| {
                 bad(format!(
-                    "bytes {b:?} is neither a number nor a quantity like 64Mi"
+                    "{what} {b:?} is neither a number nor a quantity like 64Mi"
                 ))
-            })?),
+            }),
         };
+        let bytes = size("bytes", &self.bytes)?;
+        let per_second = size("writeBytesPerSecond", &self.write_bytes_per_second)?;
+        let burst = size("writeBytesBurst", &self.write_bytes_burst)?;
+        // As the call rates, in bytes: the same checks, the same default burst.
+        let as_u32 = |b: u64| b.min(u64::from(u32::MAX)) as u32;
+        let write_bytes = rate(
+            ("writeBytesPerSecond", "writeBytesBurst"),
+            per_second.map(|b| b as f64),
+            burst.map(as_u32),
+        )?;
         Ok(Limits {
-            reads: rate("read", self.reads_per_second, self.read_burst)?,
-            writes: rate("write", self.writes_per_second, self.write_burst)?,
+            reads: rate(
+                ("readsPerSecond", "readBurst"),
+                self.reads_per_second,
+                self.read_burst,
+            )?,
+            writes: rate(
+                ("writesPerSecond", "writeBurst"),
+                self.writes_per_second,
+                self.write_burst,
+            )?,
+            write_bytes,
             concurrent_requests: self.concurrent_requests,
             watches: self.watches,
             leases: self.leases,
@@ -699,6 +752,29 @@ mod tests {
 
     fn check(yaml: &str) -> Result<Plan, ConfigError> {
         ConfigFile::parse(yaml)?.validate(&base())
+    }
+
+    #[test]
+    fn replicas_share_the_per_replica_limits_and_not_the_counted_ones() {
+        let spec: LimitsSpec = serde_norway::from_str(
+            "{readsPerSecond: 100, readBurst: 9, writesPerSecond: 10, concurrentRequests: 5, watches: 1, leases: 3, keys: 7, bytes: 1Mi}",
+        )
+        .unwrap();
+        let whole = spec.validate("defaultLimits").unwrap();
+        assert_eq!(whole.per_replica(1), whole);
+        let half = whole.per_replica(2);
+        let reads = half.reads.as_ref().unwrap();
+        assert_eq!((reads.per_second, reads.burst), (50.0, 5));
+        let writes = half.writes.as_ref().unwrap();
+        assert_eq!((writes.per_second, writes.burst), (5.0, 5));
+        assert_eq!((half.concurrent_requests, half.watches), (Some(3), Some(1)));
+        assert_eq!(
+            (half.leases, half.keys, half.bytes),
+            (Some(3), Some(7), Some(1 << 20))
+        );
+        // Two replicas never allow more than the whole, give or take one per replica.
+        assert!(2 * half.concurrent_requests.unwrap() <= whole.concurrent_requests.unwrap() + 1);
+        assert_eq!(whole.per_replica(0), whole);
     }
 
     #[test]

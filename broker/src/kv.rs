@@ -9,7 +9,6 @@ use etcd_client::proto::{
     PbTxnRequest, PbTxnResponse,
 };
 use std::sync::Arc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -46,7 +45,7 @@ impl PbKvService for Broker {
         res
     }
 
-    type RangeStreamStream = ReceiverStream<Result<PbRangeStreamResponse, Status>>;
+    type RangeStreamStream = crate::outbox::Inbox<PbRangeStreamResponse>;
 
     /// etcd 3.7's streaming Range: forwarded, every chunk's keys stripped as Range's.
     /// An etcd without it answers Unimplemented itself, in its own words, and clients
@@ -72,7 +71,9 @@ impl PbKvService for Broker {
                 .await?
                 .into_inner();
             let broker = self.clone();
-            Ok(Response::new(upstream.relay(
+            let (tx, rx) = self.outbox("etcd-shim: range stream reader too slow to keep up");
+            upstream.relay(
+                tx,
                 self.inner.shutdown.clone(),
                 permit,
                 move |mut chunk: PbRangeStreamResponse| {
@@ -84,7 +85,8 @@ impl PbKvService for Broker {
                     }
                     chunk
                 },
-            )))
+            );
+            Ok(Response::new(rx))
         }
         .await;
         self.metrics().observe(SERVICE, "RangeStream", &call, &res);

@@ -78,7 +78,7 @@ impl PbLeaseService for Broker {
         res
     }
 
-    type LeaseKeepAliveStream = ReceiverStream<Result<PbLeaseKeepAliveResponse, Status>>;
+    type LeaseKeepAliveStream = crate::outbox::Inbox<PbLeaseKeepAliveResponse>;
 
     async fn lease_keep_alive(
         &self,
@@ -87,7 +87,7 @@ impl PbLeaseService for Broker {
         let t = self.tenant(req.metadata()).await?;
         let md = req.metadata().clone();
         let mut downstream = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = self.outbox("etcd-shim: keep-alive reader too slow to keep up");
         let (up_tx, up_rx) = mpsc::channel::<PbLeaseKeepAliveRequest>(16);
 
         // Requests: owned leases go to etcd; for any other id, answer as etcd does for a
@@ -99,8 +99,17 @@ impl PbLeaseService for Broker {
         let tenant = t.clone();
         let local_tx = tx.clone();
         let asked = sent.clone();
+        // Ends the request side with the response side, so that etcd's stream ends too
+        // (the broker's half of it stays open while requests can still come).
+        let done = tokio_util::sync::CancellationToken::new();
+        let requests_done = done.clone();
         tokio::spawn(async move {
-            while let Some(Ok(mut msg)) = downstream.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = downstream.next() => next,
+                    _ = requests_done.cancelled() => break,
+                };
+                let Some(Ok(mut msg)) = next else { break };
                 // Leases the caches know cost nothing; any other costs a Range on etcd,
                 // so it is charged to the tenant's read rate (a refusal ends the stream
                 // with etcd's "too many requests").
@@ -139,12 +148,12 @@ impl PbLeaseService for Broker {
                             id: msg.id,
                             ttl: 0,
                         };
-                        if local_tx.send(Ok(resp)).await.is_err() {
+                        if local_tx.send(resp).await.is_err() {
                             break;
                         }
                     }
                     Err(status) => {
-                        let _ = local_tx.send(Err(status)).await;
+                        local_tx.fail(status);
                         break;
                     }
                 }
@@ -158,6 +167,7 @@ impl PbLeaseService for Broker {
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
+            let _done = done.drop_guard();
             let open = t
                 .upstream
                 .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
@@ -168,12 +178,12 @@ impl PbLeaseService for Broker {
                 opened = open => match opened {
                     Ok(resp) => resp.into_inner(),
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        tx.fail(status);
                         return;
                     }
                 },
                 _ = shutdown.cancelled() => {
-                    let _ = tx.try_send(Err(crate::upstream::shutting_down()));
+                    tx.fail(crate::upstream::shutting_down());
                     return;
                 }
                 _ = tx.closed() => return,
@@ -183,7 +193,7 @@ impl PbLeaseService for Broker {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
                     _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(crate::upstream::shutting_down()));
+                        tx.fail(crate::upstream::shutting_down());
                         break;
                     }
                     _ = tx.closed() => break,
@@ -198,20 +208,20 @@ impl PbLeaseService for Broker {
                             .get(&resp.id)
                             .copied();
                         resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
-                        if tx.send(Ok(resp)).await.is_err() {
+                        if tx.send(resp).await.is_err() {
                             break;
                         }
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        let _ = tx.send(Err(crate::upstream::clean(status))).await;
+                        tx.fail(crate::upstream::clean(status));
                         break;
                     }
                 }
             }
             broker.metrics().keepalive_streams.dec();
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn lease_time_to_live(

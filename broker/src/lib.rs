@@ -20,6 +20,7 @@ mod lease;
 pub mod limits;
 mod lock;
 mod maintenance;
+mod outbox;
 pub mod quota;
 mod tenant;
 mod watch;
@@ -62,6 +63,8 @@ struct Inner {
     last_revision: AtomicI64,
     /// Ends long-lived streams when the broker shuts down.
     shutdown: tokio_util::sync::CancellationToken,
+    /// How long a client may leave its stream's outbox full before the stream is ended.
+    slow_client_timeout: std::time::Duration,
 }
 
 impl Broker {
@@ -84,6 +87,7 @@ impl Broker {
             upstream,
         )?
         .with_dedicated_default(cfg.etcd_dedicated)
+        .with_replicas(cfg.replicas)
         .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
         tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
@@ -95,6 +99,7 @@ impl Broker {
                 advertise_client_urls: cfg.advertise_client_urls.clone(),
                 last_revision: AtomicI64::new(0),
                 shutdown,
+                slow_client_timeout: cfg.slow_client_timeout,
             }),
         })
     }
@@ -150,6 +155,17 @@ impl Broker {
                 Err(EtcdError::from(e).into())
             }
         }
+    }
+
+    /// The outbox of a stream to a client; `slow` is what a client that stops reading
+    /// is told when its stream is ended.
+    fn outbox<T>(&self, slow: &'static str) -> (outbox::Outbox<T>, outbox::Inbox<T>) {
+        outbox::outbox(
+            outbox::BUDGET,
+            self.inner.slow_client_timeout,
+            slow,
+            self.metrics().slow_clients.clone(),
+        )
     }
 
     /// Records the revision of an etcd response header.

@@ -33,8 +33,12 @@ use crate::{Broker, Tenant};
 /// series stays bounded by the config.
 pub const UNLISTED: &str = "unlisted";
 
-/// Keys per page when measuring a tenant.
+/// Most keys per page when measuring a tenant.
 const SCAN_PAGE: i64 = 1000;
+/// Most bytes of one page: a page that would be larger is refused by its length before
+/// the broker buffers it, and asked for again with fewer keys, so a tenant of large
+/// values costs the broker no more memory than one of small values.
+const SCAN_PAGE_BYTES: usize = 4 << 20;
 /// Bound on pages per measurement (a billion keys): every loop ends.
 const SCAN_MAX_PAGES: usize = 1_000_000;
 /// A measurement older than this is redone before a write is refused, so that deletes
@@ -61,6 +65,7 @@ pub enum Class {
 pub enum Refusal {
     ReadRate,
     WriteRate,
+    WriteBytes,
     Concurrency,
     Watches,
     Leases,
@@ -74,6 +79,7 @@ impl Refusal {
         match self {
             Refusal::ReadRate => "read_rate",
             Refusal::WriteRate => "write_rate",
+            Refusal::WriteBytes => "write_bytes",
             Refusal::Concurrency => "concurrency",
             Refusal::Watches => "watches",
             Refusal::Leases => "leases",
@@ -103,6 +109,14 @@ pub struct Bucket {
 impl Bucket {
     /// Takes a token if there is one.
     pub fn take(&mut self, now: Instant, rate: Rate) -> bool {
+        self.take_n(now, rate, 1)
+    }
+
+    /// Takes `n` tokens if there are as many, or a full bucket's worth if `n` is more
+    /// than a burst: then the bucket owes the rest and refills from below zero, so over
+    /// any span no more than the burst plus the rate times the span goes through, plus
+    /// one call.
+    pub fn take_n(&mut self, now: Instant, rate: Rate, n: u64) -> bool {
         let burst = f64::from(rate.burst);
         let tokens = match self.last {
             None => burst,
@@ -112,8 +126,9 @@ impl Bucket {
             }
         };
         self.last = Some(now);
-        if tokens >= 1.0 {
-            self.tokens = tokens - 1.0;
+        let n = n as f64;
+        if tokens >= n.min(burst) {
+            self.tokens = tokens - n;
             true
         } else {
             self.tokens = tokens;
@@ -240,6 +255,7 @@ pub struct TenantState {
     limits: Mutex<Arc<Limits>>,
     reads: Mutex<Bucket>,
     writes: Mutex<Bucket>,
+    write_bytes: Mutex<Bucket>,
     in_flight: AtomicU32,
     /// Watches open or being created through this broker.
     watches: AtomicI64,
@@ -273,6 +289,7 @@ impl TenantState {
             limits: Mutex::new(limits),
             reads: Mutex::default(),
             writes: Mutex::default(),
+            write_bytes: Mutex::default(),
             in_flight: AtomicU32::new(0),
             watches: AtomicI64::new(0),
             leases: AtomicI64::new(-1),
@@ -299,6 +316,19 @@ impl TenantState {
             .unwrap_or_else(|e| e.into_inner())
             .take(Instant::now(), rate);
         if ok { Ok(()) } else { Err(refusal) }
+    }
+
+    /// Takes `bytes` from the rate of bytes written.
+    pub fn take_bytes(&self, limits: &Limits, bytes: u64) -> Result<(), Refusal> {
+        let Some(rate) = limits.write_bytes else {
+            return Ok(());
+        };
+        let ok = self
+            .write_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_n(Instant::now(), rate, bytes);
+        if ok { Ok(()) } else { Err(Refusal::WriteBytes) }
     }
 
     /// Counts a call in flight until the permit drops.
@@ -598,6 +628,11 @@ impl Broker {
         keys: impl FnOnce() -> Vec<Vec<u8>>,
         exact: impl FnOnce(&HashMap<Vec<u8>, i64>) -> Delta,
     ) -> Result<Reservation, Status> {
+        // Every byte written is history until etcd compacts, whether or not it grows
+        // the tenant's live data; `worst` counts each put whole.
+        t.state
+            .take_bytes(&t.limits, worst.bytes.max(0) as u64)
+            .map_err(|r| self.refuse_limit(t, method, r))?;
         if !t.limits.has_quota() {
             return Ok(Reservation::none());
         }
@@ -756,25 +791,37 @@ async fn scan(t: &Tenant) -> Result<(i64, Delta), Status> {
         let mut rev = 0;
         let mut total = Delta::default();
         let mut done = false;
+        let mut page = SCAN_PAGE;
         for _page in 0..SCAN_MAX_PAGES {
             let req = PbRangeRequest {
-                key: std::mem::take(&mut key),
+                key: key.clone(),
                 range_end: t.prefix.end().to_vec(),
-                limit: SCAN_PAGE,
+                limit: page,
                 revision: rev,
                 ..Default::default()
             };
+            // One pair is as large as etcd lets it be, so a page of one is not bounded.
+            let bound = if page > 1 {
+                SCAN_PAGE_BYTES
+            } else {
+                usize::MAX
+            };
             let resp: PbRangeResponse = match t
                 .upstream
-                .unary("/etcdserverpb.KV/Range", Request::new(req))
+                .unary_within("/etcdserverpb.KV/Range", Request::new(req), bound)
                 .await
             {
                 Ok(r) => r.into_inner(),
+                Err(e) if crate::upstream::too_large(&e) => {
+                    page = (page / 8).max(1);
+                    continue;
+                }
                 Err(e) => {
                     last_err = Some(e);
                     break;
                 }
             };
+            page = (page * 2).min(SCAN_PAGE);
             if rev == 0 {
                 rev = resp.header.as_ref().map_or(0, |h| h.revision);
             }

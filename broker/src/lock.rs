@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use etcd_client::proto::{
     PbCampaignResponse, PbCompare, PbCompareTarget, PbDeleteRequest, PbEvent, PbKeyValue,
@@ -34,6 +33,7 @@ use tower::service_fn;
 use crate::error::EtcdError;
 use crate::limits::Class;
 use crate::metrics::Call;
+use crate::outbox::{Gone, Inbox, Outbox};
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
 
@@ -646,14 +646,14 @@ impl Broker {
     async fn observe(
         &self,
         req: Request<LeaderRequest>,
-    ) -> Result<Response<ReceiverStream<Result<PbLeaderResponse, Status>>>, Status> {
+    ) -> Result<Response<Inbox<PbLeaderResponse>>, Status> {
         let call = Call::start();
         let res = async {
             let t = call.tenant(self.tenant(req.metadata()).await?);
             self.rate(&t, Class::Read, "Observe")?;
             let md = req.metadata().clone();
             let name = req.into_inner().name;
-            let (tx, rx) = mpsc::channel(OBSERVE_BUFFER);
+            let (tx, rx) = self.outbox("etcd-shim: observer too slow to keep up");
             let broker = self.clone();
             tokio::spawn(async move {
                 let end = tokio::select! {
@@ -661,10 +661,10 @@ impl Broker {
                     _ = tx.closed() => Ok(()),
                 };
                 if let Err(status) = end {
-                    let _ = tx.try_send(Err(status));
+                    tx.fail(status);
                 }
             });
-            Ok(Response::new(ReceiverStream::new(rx)))
+            Ok(Response::new(rx))
         }
         .await;
         self.metrics().observe(ELECTION, "Observe", &call, &res);
@@ -679,23 +679,20 @@ impl Broker {
         t: &Arc<Tenant>,
         md: &MetadataMap,
         name: &[u8],
-        tx: &mpsc::Sender<Result<PbLeaderResponse, Status>>,
+        tx: &Outbox<PbLeaderResponse>,
     ) -> Result<(), Status> {
         let send = |header, kv| async move {
             let resp = PbLeaderResponse {
                 header,
                 kv: Some(kv),
             };
-            match tx.send_timeout(Ok(resp), SLOW_READER_TIMEOUT).await {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tx.send(resp).await.map_err(|gone| {
+                if gone == Gone::Slow {
                     tracing::warn!(tenant = %t.name, "observer too slow, ending its stream");
-                    Err(Status::unavailable(
-                        "etcd-shim: observer too slow to keep up",
-                    ))
                 }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Status::cancelled("")),
-            }
+                // The stream is over either way; this ends the recipe.
+                Status::cancelled("")
+            })
         };
         let dir = dir(name);
         loop {
@@ -740,12 +737,6 @@ impl Broker {
         }
     }
 }
-
-/// Leader responses buffered for an observer before the broker stops reading etcd.
-const OBSERVE_BUFFER: usize = 16;
-
-/// How long an observer may leave a full buffer unread before its stream is ended.
-const SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
 
 const LOCK: &str = "Lock";
 const ELECTION: &str = "Election";

@@ -157,6 +157,17 @@ struct Args {
     /// up its own, so lease IDs change when it restarts and replicas disagree.
     #[arg(long, env = "ETCD_SHIM_BROKER_LEASE_ID_SECRET_FILE")]
     lease_id_secret_file: Option<PathBuf>,
+    /// How long a client may leave a stream's answers untaken (Watch, LeaseKeepAlive,
+    /// RangeStream, Observe) before the broker ends the stream with Unavailable, frees
+    /// what it held and cancels the etcd stream behind it.
+    #[arg(long, env = "ETCD_SHIM_BROKER_SLOW_CLIENT_TIMEOUT", default_value = "30s", value_parser = humantime_secs)]
+    slow_client_timeout: Duration,
+    /// Broker replicas serving the same tenants (the Deployment's replica count). Each
+    /// enforces 1/N of every tenant's rate, concurrency and watch limits, so that
+    /// together they allow the limits and no more; leases, keys and bytes are counted in
+    /// etcd and need no division. See docs/broker-config.md#limits-across-replicas.
+    #[arg(long, env = "ETCD_SHIM_BROKER_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    replicas: u32,
     /// How long open calls may take to finish after SIGTERM.
     #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime_secs)]
     drain_timeout: Duration,
@@ -262,6 +273,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 LeaseSecrets::ephemeral()
             }
         },
+        slow_client_timeout: args.slow_client_timeout,
+        replicas: args.replicas,
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
     if let Some(path) = &args.config {

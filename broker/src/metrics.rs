@@ -123,6 +123,8 @@ pub struct Metrics {
     pub foreign_keys_dropped: Counter,
     pub watch_streams: Gauge,
     pub keepalive_streams: Gauge,
+    /// Streams ended because their client left the answers untaken too long.
+    pub slow_clients: Counter,
     /// Config file reloads by outcome (`success`, `failure`).
     pub config_reloads: Family<OutcomeLabels, Counter>,
     /// Issuer key set reloads by outcome (`success`, `failure`).
@@ -160,6 +162,7 @@ impl Metrics {
             foreign_keys_dropped: Counter::default(),
             watch_streams: Gauge::default(),
             keepalive_streams: Gauge::default(),
+            slow_clients: Counter::default(),
             config_reloads: Family::default(),
             jwks_reloads: Family::default(),
             token_reviews: Family::default(),
@@ -232,6 +235,11 @@ impl Metrics {
             "lease_keepalive_streams_open",
             "Lease keep-alive streams currently open",
             m.keepalive_streams.clone(),
+        );
+        r.register(
+            "slow_client_streams_ended",
+            "Streams (Watch, LeaseKeepAlive, RangeStream, Observe) ended because their client left the answers untaken for --slow-client-timeout",
+            m.slow_clients.clone(),
         );
         r.register(
             "config_reloads",

@@ -47,6 +47,12 @@ pub struct BrokerConfig {
     pub advertise_client_urls: Vec<String>,
     /// Keys of the tenants' lease IDs (see `leaseid`); every replica must share them.
     pub lease_secrets: crate::leaseid::LeaseSecrets,
+    /// How long a client may leave a stream's answers untaken (its outbox full) before
+    /// the broker ends the stream and cancels what feeds it.
+    pub slow_client_timeout: Duration,
+    /// Broker replicas serving the same tenants: each enforces this share of their rate,
+    /// concurrency and watch limits.
+    pub replicas: u32,
 }
 
 impl Default for BrokerConfig {
@@ -58,6 +64,8 @@ impl Default for BrokerConfig {
             etcd_dedicated: false,
             advertise_client_urls: Vec::new(),
             lease_secrets: crate::leaseid::LeaseSecrets::ephemeral(),
+            slow_client_timeout: Duration::from_secs(30),
+            replicas: 1,
         }
     }
 }

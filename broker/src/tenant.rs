@@ -102,6 +102,8 @@ pub struct TenantResolver {
     states: Arc<States>,
     /// Builds the connections of backends from the config file, with their credentials.
     connector: Connector,
+    /// Broker replicas that share the tenants' per-replica limits.
+    replicas: u32,
 }
 
 /// Bound on cached tenants; past it the cache starts over (tenants are cheap to rebuild).
@@ -155,6 +157,7 @@ impl TenantResolver {
             current: RwLock::new(Arc::new(routing)),
             states: Arc::default(),
             connector: Connector::default(),
+            replicas: 1,
         })
     }
 
@@ -166,6 +169,13 @@ impl TenantResolver {
     /// Marks the backend made from flags as dedicated to etcd-shim (see `compaction`).
     pub fn with_dedicated_default(mut self, dedicated: bool) -> Self {
         self.implicit_dedicated = dedicated;
+        self
+    }
+
+    /// Enforces `1/replicas` of each tenant's rate, concurrency and watch limits
+    /// ([`Limits::per_replica`]), for a broker that is one of `replicas`.
+    pub fn with_replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas.max(1);
         self
     }
 
@@ -249,12 +259,12 @@ impl TenantResolver {
                 .unwrap_or_else(|| unreachable!("validated backend name"))
         };
         let default_backend = index(&plan.default_backend);
-        let default_limits = Arc::new(plan.default_limits.clone());
+        let default_limits = Arc::new(plan.default_limits.per_replica(self.replicas));
         let rule_limits: Vec<Arc<Limits>> = plan
             .rules
             .iter()
             .map(|r| match &r.limits {
-                Some(l) => Arc::new(l.clone()),
+                Some(l) => Arc::new(l.per_replica(self.replicas)),
                 None => default_limits.clone(),
             })
             .collect();

@@ -22,8 +22,7 @@ use etcd_shim_core::tls::{
     ClientTls, ClientTlsFiles, ClientTlsSource, ReloadHook, ReloadOptions, ReloadOutcome,
 };
 use http::uri::PathAndQuery;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::client::Grpc;
 use tonic::metadata::MetadataMap;
@@ -206,6 +205,21 @@ impl Upstream {
         Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
+        self.unary_within(path, req, usize::MAX).await
+    }
+
+    /// Like [`Upstream::unary`], for an answer of at most `max_bytes`: a larger one is
+    /// refused from its length, before any of it is buffered ([`too_large`]).
+    pub async fn unary_within<Req, Resp>(
+        &self,
+        path: &'static str,
+        req: Request<Req>,
+        max_bytes: usize,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: prost::Message + Clone + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
         let (md, _, msg) = req.into_parts();
         let pool = self.pool();
         let started = Instant::now();
@@ -213,7 +227,7 @@ impl Upstream {
             .call(Kind::Unary, |channel| {
                 let req = Request::from_parts(md.clone(), Default::default(), msg.clone());
                 Some(async move {
-                    let mut grpc = grpc(channel);
+                    let mut grpc = grpc(channel).max_decoding_message_size(max_bytes);
                     grpc.ready().await.map_err(not_sent)?;
                     grpc.unary(req, PathAndQuery::from_static(path), ProstCodec::default())
                         .await
@@ -378,6 +392,15 @@ struct Pool {
     epoch: Instant,
 }
 
+/// The flow-control window of each stream from etcd: what etcd may send for one stream
+/// before the broker reads it. A stream whose client stops reading holds this much, and
+/// its outbox ([`crate::outbox::BUDGET`]), until it is ended as slow.
+pub const STREAM_WINDOW: u32 = 256 << 10;
+/// The window of the connection that carries the streams: large enough that streams
+/// whose clients stopped reading (each holding [`STREAM_WINDOW`]) would have to number
+/// 4,096 before etcd had to stop sending for the others, far above any tenant's watches.
+const STREAMS_CONNECTION_WINDOW: u32 = 1 << 30;
+
 /// Which of a member's connections a call goes on.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -393,7 +416,8 @@ struct Member {
     /// Streams (Watch, LeaseKeepAlive, Observe, RangeStream), on a connection of their
     /// own: data etcd sent for a stream whose client does not read holds the flow-control
     /// window of its connection until the stream ends, and must not hold up anyone's
-    /// unary calls.
+    /// unary calls. Its streams' windows are small and the connection's is not, so such
+    /// a stream holds at most [`STREAM_WINDOW`] and never the connection.
     streams: Channel,
     /// Failures in a row; sets how long the member is skipped.
     failures: AtomicU32,
@@ -418,9 +442,7 @@ impl Pool {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-                .initial_stream_window_size(Some(4 << 20))
-                .initial_connection_window_size(Some(8 << 20));
+                .keep_alive_while_idle(true);
             if let Some(tls) = tls {
                 let mut config = ClientTlsConfig::new();
                 if let Some(ca) = tls.ca_pem() {
@@ -431,10 +453,17 @@ impl Pool {
                 }
                 ep = ep.tls_config(config).map_err(bad)?;
             }
+            let unary = ep
+                .clone()
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(8 << 20));
+            let streams = ep
+                .initial_stream_window_size(Some(STREAM_WINDOW))
+                .initial_connection_window_size(Some(STREAMS_CONNECTION_WINDOW));
             members.push(Member {
                 endpoint: e.clone(),
-                channel: ep.connect_lazy(),
-                streams: ep.connect_lazy(),
+                channel: unary.connect_lazy(),
+                streams: streams.connect_lazy(),
                 failures: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
             });
@@ -555,50 +584,47 @@ impl<T> UpstreamStream<T> {
 }
 
 impl<T: Send + 'static> UpstreamStream<T> {
-    /// Relays the stream to a client through a bounded channel until it ends, the client
-    /// goes away or the broker shuts down, passing each message through `each`. The
-    /// first error ends the relay, as it ends a gRPC stream. `hold` (a concurrency permit)
-    /// lives as long as the relay.
+    /// Relays the stream to a client through `tx` until it ends, the client goes away
+    /// or stops reading, or the broker shuts down, passing each message through `each`.
+    /// The first error ends the relay, as it ends a gRPC stream. `hold` (a concurrency
+    /// permit) lives as long as the relay.
     pub fn relay<U, H>(
         mut self,
+        tx: crate::outbox::Outbox<U>,
         shutdown: CancellationToken,
         hold: H,
         mut each: impl FnMut(T) -> U + Send + 'static,
-    ) -> ReceiverStream<Result<U, Status>>
-    where
-        U: Send + 'static,
+    ) where
+        U: prost::Message + Send + 'static,
         H: Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(RELAY_BUFFER);
         tokio::spawn(async move {
             let _hold = hold;
             loop {
                 let msg = tokio::select! {
                     m = self.message() => m,
                     _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(shutting_down()));
+                        tx.fail(shutting_down());
                         break;
                     }
                     _ = tx.closed() => break,
                 };
-                let item = match msg {
-                    Ok(Some(m)) => Ok(each(m)),
+                match msg {
+                    Ok(Some(m)) => {
+                        if tx.send(each(m)).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(None) => break,
-                    Err(status) => Err(status),
-                };
-                let end = item.is_err();
-                if tx.send(item).await.is_err() || end {
-                    break;
+                    Err(status) => {
+                        tx.fail(status);
+                        break;
+                    }
                 }
             }
         });
-        ReceiverStream::new(rx)
     }
 }
-
-/// Messages of a relayed stream buffered for a client before the broker stops reading
-/// etcd.
-const RELAY_BUFFER: usize = 16;
 
 /// What a client whose stream the broker ends on shutdown is told: etcd's own words for
 /// a stopping server (Unavailable, so clientv3 resumes watches on another endpoint).
@@ -630,6 +656,14 @@ impl<S: tokio_stream::Stream> tokio_stream::Stream for Handoff<S> {
 }
 
 impl<S> Unpin for Handoff<S> {}
+
+/// Whether a call of [`Upstream::unary_within`] was refused for an answer above its bound
+/// (tonic's words for it; etcd's own OutOfRange errors say otherwise).
+pub fn too_large(s: &Status) -> bool {
+    s.code() == Code::OutOfRange
+        && s.message()
+            .starts_with("Error, decoded message length too large")
+}
 
 /// Whether a call failed before anything was sent: connecting failed (refused, timed
 /// out, TLS handshake refused), so the request never left the broker.

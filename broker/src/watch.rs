@@ -4,7 +4,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use etcd_client::proto::{PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService};
 use tokio::sync::mpsc;
@@ -13,18 +12,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits::{Class, TenantState};
+use crate::outbox::{Gone, Inbox};
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
 
-/// Responses buffered for a downstream watcher before the broker stops reading etcd.
-const WATCH_BUFFER: usize = 64;
-/// How long a watcher may refuse to take a response before its stream is ended; keeps
-/// a stuck client from pinning memory in the broker and in etcd.
-const SLOW_WATCHER_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a watcher that leaves its answers untaken too long is told as its stream ends;
+/// ending it frees what it pinned in the broker and in etcd.
+const SLOW_WATCHER: &str = "etcd-shim: watcher too slow to keep up";
 
 #[tonic::async_trait]
 impl PbWatchService for Broker {
-    type WatchStream = ReceiverStream<Result<PbWatchResponse, Status>>;
+    type WatchStream = Inbox<PbWatchResponse>;
 
     async fn watch(
         &self,
@@ -34,7 +32,7 @@ impl PbWatchService for Broker {
         let md = req.metadata().clone();
         let mut downstream = req.into_inner();
 
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let (tx, rx) = self.outbox(SLOW_WATCHER);
         let counted = Arc::new(Mutex::new(Counted {
             state: t.state.clone(),
             open: HashSet::new(),
@@ -53,8 +51,17 @@ impl PbWatchService for Broker {
         let pending = counted.clone();
         let up_cancel = up_tx.downgrade();
         let create_md = md.clone();
+        // Ends the request side with the response side, so that etcd's stream ends too
+        // (the broker's half of it stays open while requests can still come).
+        let done = tokio_util::sync::CancellationToken::new();
+        let requests_done = done.clone();
         tokio::spawn(async move {
-            while let Some(Ok(mut msg)) = downstream.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = downstream.next() => next,
+                    _ = requests_done.cancelled() => break,
+                };
+                let Some(Ok(mut msg)) = next else { break };
                 if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union {
                     let admitted = tenant
                         .state
@@ -73,7 +80,7 @@ impl PbWatchService for Broker {
                             ..Default::default()
                         };
                         match local.upgrade() {
-                            Some(tx) if tx.send(Ok(resp)).await.is_ok() => continue,
+                            Some(tx) if tx.send(resp).await.is_ok() => continue,
                             _ => break,
                         }
                     }
@@ -106,6 +113,7 @@ impl PbWatchService for Broker {
         let shutdown = self.inner.shutdown.clone();
         broker.metrics().watch_streams.inc();
         tokio::spawn(async move {
+            let _done = done.drop_guard();
             // Connected here rather than before answering the client: etcd sends its
             // response headers only once a watch is created, and a stream whose first
             // create the broker refused itself must still get its answer.
@@ -117,13 +125,13 @@ impl PbWatchService for Broker {
                 r = connect => match r {
                     Ok(r) => r.into_inner(),
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        tx.fail(status);
                         broker.metrics().watch_streams.dec();
                         return;
                     }
                 },
                 _ = shutdown.cancelled() => {
-                    let _ = tx.try_send(Err(crate::upstream::shutting_down()));
+                    tx.fail(crate::upstream::shutting_down());
                     broker.metrics().watch_streams.dec();
                     return;
                 }
@@ -136,7 +144,7 @@ impl PbWatchService for Broker {
                 let msg = tokio::select! {
                     m = upstream.message() => m,
                     _ = shutdown.cancelled() => {
-                        let _ = tx.try_send(Err(crate::upstream::shutting_down()));
+                        tx.fail(crate::upstream::shutting_down());
                         break;
                     }
                     _ = tx.closed() => break,
@@ -163,9 +171,7 @@ impl PbWatchService for Broker {
                             };
                             lock(&counted).saw(&cancel);
                             let id = resp.watch_id;
-                            if tx.send(Ok(resp)).await.is_err()
-                                || tx.send(Ok(cancel)).await.is_err()
-                            {
+                            if tx.send(resp).await.is_err() || tx.send(cancel).await.is_err() {
                                 break;
                             }
                             if let Some(up) = up_cancel.upgrade() {
@@ -187,29 +193,26 @@ impl PbWatchService for Broker {
                         let s = rewrite::watch_events(&t.prefix, &mut resp.events);
                         t.lease_ids.events(&mut resp.events);
                         broker.check_stripped(&t, "Watch", s);
-                        match tx.send_timeout(Ok(resp), SLOW_WATCHER_TIMEOUT).await {
+                        match tx.send(resp).await {
                             Ok(()) => {}
-                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            Err(Gone::Slow) => {
                                 tracing::warn!(tenant = %t.name, "watcher too slow, ending its stream");
-                                let _ = tx.try_send(Err(Status::unavailable(
-                                    "etcd-shim: watcher too slow to keep up",
-                                )));
                                 break;
                             }
-                            Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
+                            Err(Gone::Closed) => break,
                         }
                     }
                     Ok(None) => break,
                     Err(status) => {
                         // etcd's own status, byte-identical.
-                        let _ = tx.send(Err(crate::upstream::clean(status))).await;
+                        tx.fail(crate::upstream::clean(status));
                         break;
                     }
                 }
             }
             broker.metrics().watch_streams.dec();
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 }
 

@@ -541,11 +541,16 @@ impl TwoTenants {
 
     /// Like [`TwoTenants::start`], with the broker loading `config` (YAML) if given.
     pub fn start_with_config(config: Option<&str>) -> Result<Self> {
+        Self::start_with(config, &[])
+    }
+
+    /// Like [`TwoTenants::start_with_config`], with extra broker flags.
+    pub fn start_with(config: Option<&str>, broker_args: &[&str]) -> Result<Self> {
         let etcd = Etcd::start()?;
         let tokens = [("token-a", TENANT_A), ("token-b", TENANT_B)];
         let broker = match config {
-            Some(c) => Broker::start_with_config(&[&etcd.url], &tokens, c, &[])?,
-            None => Broker::start(&[&etcd.url], &tokens)?,
+            Some(c) => Broker::start_with_config(&[&etcd.url], &tokens, c, broker_args)?,
+            None => Broker::start_with(&[&etcd.url], &tokens, broker_args)?,
         };
         let mut a = Pod::new()?;
         a.start_shim(broker.port, "token-a")?;

@@ -662,3 +662,137 @@ fn keep_alives_for_unknown_leases_cost_etcd_little_and_are_rate_limited() -> Res
     })?;
     Ok(())
 }
+
+/// Watches a pod opens on one stream until one is refused.
+async fn watches_until_refused() -> Result<u32> {
+    let mut c = connect().await?;
+    let timeout = Duration::from_secs(10);
+    let mut ws = c.watch("r0", None).await?;
+    for i in 1..=20u32 {
+        let r = tokio::time::timeout(timeout, ws.message())
+            .await??
+            .context("watch answer")?;
+        ensure!(r.created(), "{r:?}");
+        if r.canceled() {
+            ensure!(r.cancel_reason() == TOO_MANY, "{r:?}");
+            return Ok(i - 1);
+        }
+        ws.watch(format!("r{i}"), None).await?;
+    }
+    bail!("20 watches and none refused")
+}
+
+/// Puts as fast as one client can for `dur`; returns the ones accepted.
+async fn puts_for(dur: Duration) -> Result<u64> {
+    let mut c = connect().await?;
+    let end = Instant::now() + dur;
+    let mut ok = 0;
+    while Instant::now() < end {
+        match c.put("rate", "x", None).await {
+            Ok(_) => ok += 1,
+            Err(e) if is(&e, TOO_MANY) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ok)
+}
+
+/// Each of two replicas enforces half of the tenant's rate and watch limits, so a tenant
+/// whose pods reach both gets its limits once, not twice.
+#[test]
+fn two_replicas_together_allow_a_tenant_its_limits_once() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let config = "tenants:\n- namespace: team-a\n  serviceAccount: app\n  limits: {watches: 4, writesPerSecond: 10, writeBurst: 10}\n";
+    let flags = ["--replicas", "2"];
+    let tokens = [("token-a", TENANT_A)];
+    let one = Broker::start_with_config(&[&etcd.url], &tokens, config, &flags)?;
+    let two = Broker::start_with_config(&[&etcd.url], &tokens, config, &flags)?;
+    let mut a1 = Pod::new()?;
+    a1.start_shim(one.port, "token-a")?;
+    let mut a2 = Pod::new()?;
+    a2.start_shim(two.port, "token-a")?;
+
+    let watches = std::thread::scope(|s| -> Result<u32> {
+        let w1 = s.spawn(|| a1.run(watches_until_refused));
+        let w2 = s.spawn(|| a2.run(watches_until_refused));
+        Ok(w1.join().expect("pod 1")? + w2.join().expect("pod 2")?)
+    })?;
+    println!("watches opened through two replicas: {watches} (limit 4)");
+    ensure!(
+        watches == 4,
+        "two replicas let the tenant open {watches} watches, limit 4"
+    );
+
+    let dur = Duration::from_secs(3);
+    let started = Instant::now();
+    let puts = std::thread::scope(|s| -> Result<u64> {
+        let p1 = s.spawn(|| a1.run(move || puts_for(dur)));
+        let p2 = s.spawn(|| a2.run(move || puts_for(dur)));
+        Ok(p1.join().expect("pod 1")? + p2.join().expect("pod 2")?)
+    })?;
+    // The whole limit over the time taken: the burst plus the rate; one more per
+    // replica for a token refilled at the edges.
+    let allowed = 10.0 + 10.0 * started.elapsed().as_secs_f64() + 2.0;
+    println!("puts accepted through two replicas in {dur:?}: {puts} (limit allows {allowed:.0})");
+    ensure!(
+        (puts as f64) <= allowed,
+        "two replicas accepted {puts} puts, the limit allows {allowed:.0}"
+    );
+    ensure!(
+        (puts as f64) >= allowed / 2.0,
+        "two replicas accepted only {puts} puts of {allowed:.0}"
+    );
+    Ok(())
+}
+
+/// Found by a security review: quotas count live data only, so a tenant rewriting one
+/// key forever grew etcd's history (every revision kept until etcd compacts) until the
+/// cluster-wide NOSPACE alarm. `writeBytesPerSecond` bounds the bytes a tenant writes,
+/// and so the history it adds between two compactions.
+#[test]
+fn rewriting_one_key_adds_history_at_the_write_bytes_rate_only() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let config = "tenants:\n- namespace: team-a\n  serviceAccount: app\n  limits: {writeBytesPerSecond: 1Mi, writeBytesBurst: 2Mi}\n";
+    let broker = Broker::start_with_config(&[&etcd.url], &[("token-a", TENANT_A)], config, &[])?;
+    let mut a = Pod::new()?;
+    a.start_shim(broker.port, "token-a")?;
+    let (written, refused, elapsed, revisions) = a.run(|| async {
+        let mut c = connect().await?;
+        let value = vec![b'h'; 256 << 10];
+        let first = c.put("one", value.clone(), None).await?;
+        let from = first.header().map_or(0, |h| h.revision());
+        let started = Instant::now();
+        let (mut written, mut refused) = (1u64, 0u64);
+        while started.elapsed() < Duration::from_secs(3) {
+            match c.put("one", value.clone(), None).await {
+                Ok(_) => written += 1,
+                Err(e) if is(&e, TOO_MANY) => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let last = c.get("one", None).await?;
+        let to = last.kvs().first().map_or(0, |kv| kv.mod_revision());
+        Ok((written, refused, started.elapsed(), to - from + 1))
+    })?;
+    let bytes = written * (256 << 10);
+    // The burst, the rate over the time taken, and the one put that may go in debt.
+    let allowed = (2 << 20) as f64 + (1 << 20) as f64 * elapsed.as_secs_f64() + (256 << 10) as f64;
+    println!(
+        "rewrote one 256 KiB value {written} times ({} MiB, {revisions} revisions of history) in {elapsed:?}, {refused} refused; the limit allows {:.1} MiB",
+        bytes >> 20,
+        allowed / (1 << 20) as f64
+    );
+    ensure!(refused > 0, "no rewrite was refused");
+    ensure!(
+        bytes as f64 <= allowed,
+        "the tenant wrote {bytes} bytes of history, the limit allows {allowed:.0}"
+    );
+    ensure!(
+        revisions as u64 == written,
+        "{revisions} revisions for {written} puts"
+    );
+    Ok(())
+}
