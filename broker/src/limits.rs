@@ -549,6 +549,10 @@ impl Collector for States {
             };
             set("reads_per_second", l.reads.map(|r| r.per_second));
             set("writes_per_second", l.writes.map(|r| r.per_second));
+            set(
+                "write_bytes_per_second",
+                l.write_bytes.map(|r| r.per_second),
+            );
             set("requests_in_flight", l.concurrent_requests.map(f64::from));
             set("watches", l.watches.map(f64::from));
             set("leases", l.leases.map(f64::from));

@@ -49,11 +49,14 @@ struct Args {
     )]
     tls_key_file: Option<PathBuf>,
 
-    /// Address for /metrics, /live and /ready.
+    /// Address for /metrics, /live and /ready. Loopback unless told otherwise: /metrics
+    /// shows the usage of the tenants the config names, which other tenants must not
+    /// read. In a pod, listen on 0.0.0.0 for the kubelet's probes and let a NetworkPolicy
+    /// admit only the monitoring namespace to the port (the Helm chart does both).
     #[arg(
         long,
         env = "ETCD_SHIM_BROKER_ADMIN_LISTEN",
-        default_value = "0.0.0.0:9380"
+        default_value = "127.0.0.1:9380"
     )]
     admin_listen: SocketAddr,
     /// etcd client URLs, comma-separated.
@@ -499,6 +502,9 @@ mod tests {
         assert_eq!(a.etcd_endpoints, vec!["http://a:1", "http://b:2"]);
         assert_eq!(a.listen.port(), 2379);
         assert_eq!(a.admin_listen.port(), 9380);
+        // Found by a security review: the admin port, and with it every named tenant's
+        // usage, was open to the pod network by default.
+        assert!(a.admin_listen.ip().is_loopback(), "{}", a.admin_listen);
         assert_eq!(a.drain_timeout, Duration::from_secs(10));
         assert_eq!(
             a.auth_mode(),

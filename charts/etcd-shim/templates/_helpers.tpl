@@ -317,6 +317,8 @@ templates/broker/deployment.yaml.
 - {{ print "--advertise-client-urls=" (join "," .) | quote }}
 {{- end }}
 - {{ print "--drain-timeout=" $b.drainTimeout | quote }}
+{{- /* Each replica enforces its share of the per-replica limits (docs/broker-config.md). */}}
+- {{ print "--replicas=" $b.replicaCount | quote }}
 - {{ print "--log-format=" $b.logFormat | quote }}
 {{- with $b.logLevel }}
 - {{ print "--log-level=" . | quote }}
