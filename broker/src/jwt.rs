@@ -70,17 +70,7 @@ pub fn b64(part: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// The token's `exp`, read WITHOUT verifying the signature: only good for bounding how
-/// long something derived from a verified answer may be kept.
-pub fn unverified_exp(token: &str) -> Option<SystemTime> {
-    #[derive(Deserialize)]
-    struct Exp {
-        exp: u64,
-    }
-    let payload = b64(token.split('.').nth(1)?)?;
-    let c: Exp = serde_json::from_slice(&payload).ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(c.exp))
-}
+pub use etcd_shim_core::token::unverified_exp;
 
 #[derive(Deserialize)]
 struct Header {

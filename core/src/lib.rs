@@ -6,6 +6,24 @@ pub mod dirwatch;
 pub mod logging;
 pub mod shutdown;
 pub mod tls;
+pub mod token;
+
+/// An error and its causes on one line, `outer: inner: innermost`. Some errors (kube's
+/// among them) already print their cause; a cause whose text is already on the line is not
+/// repeated.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
 
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
 use tokio::net::TcpListener;
 
+use etcd_shim_core::error_chain;
 use etcd_shim_core::shutdown::Shutdown;
 
 pub use connect::{Dialer, Trust};
@@ -301,17 +302,6 @@ fn probe_verdict(code: u16, message: &str) -> Result<(), NotReady> {
         ),
     };
     Err(NotReady::new(reason, detail))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The framed MemberList response: the shim is the whole cluster, at its own address,

@@ -9,10 +9,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use etcd_shim_core::dirwatch::DirWatch;
+use etcd_shim_core::token::unverified_exp;
 use http::HeaderValue;
 use tokio::sync::watch;
 
@@ -130,18 +130,6 @@ fn read(path: &Path) -> Loaded {
     }
 }
 
-/// The `exp` claim of a JWT, read without verifying anything: it only decides when to
-/// look at the file again, so a forged value can at worst cause an early re-read.
-fn unverified_exp(token: &str) -> Option<SystemTime> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_u64()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
-}
-
 fn header(token: &str) -> Result<HeaderValue, String> {
     if token.is_empty() {
         return Err("token is empty".into());
@@ -168,6 +156,8 @@ fn log_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use std::time::UNIX_EPOCH;
 
     /// Polls until `src` holds `want` (as a bearer header), for at most 5 s.
     async fn wait_for(src: &TokenSource, want: &str) -> bool {
