@@ -307,7 +307,8 @@ const BASELINE_FLOOR: Duration = Duration::from_millis(2);
 fn a_well_behaved_tenant_keeps_its_latency_beside_an_aggressive_one() -> Result<()> {
     // A's puts leave history at up to the write rate times 1 MiB a second, more than
     // etcd's default 2 GiB quota holds in a minute without compaction; the quota is
-    // raised so the scene measures latency, not etcd's space alarm (see BENCHMARKS.md).
+    // raised so the scene measures latency, not etcd's space alarm (docs/broker-config.md,
+    // "What the limits do not bound").
     let etcd = Etcd::start_with(&["--quota-backend-bytes", "8589934592"])?;
     let broker = Broker::start_with_config(
         &[&etcd.url],
