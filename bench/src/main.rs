@@ -2,6 +2,7 @@
 //! same machine in one run, plus the sidecar's memory, the broker's cost per shim and the
 //! injector's admission latency, and writes BENCHMARKS.md.
 
+mod fairness;
 mod injector;
 mod load;
 mod report;
@@ -72,6 +73,13 @@ struct Args {
     /// How long the injector is sent reviews.
     #[arg(long, env = "ETCD_SHIM_BENCH_INJECTOR_DURATION", default_value = "10s", value_parser = parse_duration)]
     injector_duration: Duration,
+    /// How long the well-behaved tenant is measured in the fairness scene, alone and
+    /// again beside the aggressive tenant; 0 skips it.
+    #[arg(long, env = "ETCD_SHIM_BENCH_FAIRNESS_DURATION", default_value = "15s", value_parser = parse_duration)]
+    fairness_duration: Duration,
+    /// Slow watch streams the aggressive tenant holds in the fairness scene.
+    #[arg(long, env = "ETCD_SHIM_BENCH_FAIRNESS_WATCHERS", default_value_t = 100)]
+    fairness_watchers: usize,
     /// A smoke run: one short round of everything, a few watchers and shims, no wait.
     /// Overrides the sizes above.
     #[arg(long, env = "ETCD_SHIM_BENCH_QUICK")]
@@ -101,6 +109,10 @@ impl Args {
             self.scale_trickle = Duration::from_millis(500);
             self.scale_window = Duration::from_secs(1);
             self.injector_duration = Duration::from_secs(1);
+            if !self.fairness_duration.is_zero() {
+                self.fairness_duration = Duration::from_secs(1);
+            }
+            self.fairness_watchers = 10;
         }
         self
     }
@@ -330,8 +342,45 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
         None
     };
 
+    // Last: the aggressor loads the machine, and its own etcd, long after it stops.
+    let fairness = if args.fairness_duration.is_zero() {
+        None
+    } else {
+        eprintln!(
+            "fairness: a well-behaved tenant for {:?} alone, then beside an aggressive one...",
+            args.fairness_duration
+        );
+        let r = fairness::run(args.fairness_duration, args.fairness_watchers)
+            .await
+            .context("fairness scene")?;
+        eprintln!(
+            "fairness: alone p50 {:.3} ms p99 {:.3} ms; beside p50 {:.3} ms p99 {:.3} ms; ratio {:.2}x; errors {}; aggressor {} puts ({} MiB), {} refused",
+            r.alone.p50_ms,
+            r.alone.p99_ms,
+            r.beside.p50_ms,
+            r.beside.p99_ms,
+            r.ratio,
+            r.errors,
+            r.aggressor_puts,
+            r.aggressor_put_mib,
+            r.aggressor_refused
+        );
+        Some(r)
+    };
+
     let shim_binary_bytes = std::fs::metadata(etcd_shim_e2e::bin("etcd-shim"))?.len();
-    let targets = targets(&workload_results, &memory, &scale, &fanout);
+    let mut targets = targets(&workload_results, &memory, &scale, &fanout);
+    targets.push(Target {
+        what: "fairness: well-behaved p99 beside an aggressive tenant".into(),
+        wanted: "<= 2x alone, no errors".into(),
+        measured: fairness
+            .as_ref()
+            .map(|f| format!("{:.2}x, {} errors", f.ratio, f.errors_alone + f.errors))
+            .unwrap_or_default(),
+        met: fairness
+            .as_ref()
+            .map(|f| f.ratio <= 2.0 && f.errors_alone + f.errors == 0),
+    });
     let settings = vec![
         ("rounds".into(), args.rounds.to_string()),
         (
@@ -371,6 +420,17 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
             },
         ),
         (
+            "fairness".into(),
+            if args.fairness_duration.is_zero() {
+                "skipped".into()
+            } else {
+                format!(
+                    "{:?} alone and {:?} beside the aggressor, {} slow watchers",
+                    args.fairness_duration, args.fairness_duration, args.fairness_watchers
+                )
+            },
+        ),
+        (
             "values".into(),
             "256 bytes; reads over 1,000 seeded keys".into(),
         ),
@@ -391,6 +451,7 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
         shim_binary_bytes,
         scale,
         injector,
+        fairness,
         targets,
     })
 }

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::fairness::FairnessResult;
 use crate::injector::InjectorResult;
 use crate::scale::ScaleResult;
 use crate::stack::{DIRECT, PROXY, SHIM};
@@ -23,6 +24,8 @@ pub struct Report {
     pub scale: Vec<ScaleResult>,
     /// None when the run skipped it (`--injector-rate 0`).
     pub injector: Option<InjectorResult>,
+    /// None when the run skipped it (`--fairness-duration 0`).
+    pub fairness: Option<FairnessResult>,
     pub targets: Vec<Target>,
 }
 
@@ -292,6 +295,48 @@ impl Report {
                 r.cpu_cores
             );
             let _ = writeln!(s);
+        }
+
+        if let Some(f) = &self.fairness {
+            let _ = writeln!(s, "## Fairness\n");
+            let _ = writeln!(
+                s,
+                "Two tenants on a broker of their own that gives each the Helm chart's \
+                 `defaultLimits` (500 reads/s, 100 writes/s, 500 watches, 1000 leases, \
+                 256 MiB), each through its own shims, on an etcd of their own. The \
+                 well-behaved tenant does {}, paced, first alone, then beside the \
+                 aggressive tenant: {}. The ratio is p99 beside over p99 alone (a p99 alone \
+                 under {FLOOR} ms counts as {FLOOR} ms). Errors are the well-behaved \
+                 tenant's failed calls and calls slower than 5 s. The e2e test \
+                 `e2e/tests/fairness.rs` asserts the bound on the same scene.\n",
+                f.workload,
+                f.aggressor,
+                FLOOR = crate::fairness::FLOOR_MS
+            );
+            let _ = writeln!(
+                s,
+                "| well-behaved tenant | calls | p50 | p99 | ratio | errors |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                s,
+                "| alone | {} | {:.3} ms | {:.3} ms | | {} |",
+                f.alone.ops, f.alone.p50_ms, f.alone.p99_ms, f.errors_alone
+            );
+            let _ = writeln!(
+                s,
+                "| beside the aggressor | {} | {:.3} ms | {:.3} ms | {:.2}x | {} |",
+                f.beside.ops, f.beside.p50_ms, f.beside.p99_ms, f.ratio, f.errors
+            );
+            let _ = writeln!(
+                s,
+                "\nMeanwhile the aggressor completed {} puts ({} MiB), was refused {} calls \
+                 with `too many requests`, and its watchers read {} messages.\n",
+                f.aggressor_puts,
+                f.aggressor_put_mib,
+                f.aggressor_refused,
+                f.aggressor_watch_messages
+            );
         }
 
         let _ = writeln!(s, "## Settings\n");

@@ -42,7 +42,7 @@ impl Stack {
         let (proxy, proxy_url) = start_proxy(&etcd.url, dir.path())?;
         let broker = Broker::start_with(&[&etcd.url], &[(TOKEN, TENANT)], QUIET)
             .context("starting the broker")?;
-        let (shim, shim_url) = start_shim(broker.port, dir.path())?;
+        let (shim, shim_url) = start_shim(broker.port, TOKEN, "shim", dir.path())?;
         Ok(Self {
             etcd,
             proxy,
@@ -116,9 +116,11 @@ fn start_proxy(etcd_url: &str, dir: &Path) -> Result<(Proc, String)> {
     Ok((proc, format!("http://{addr}")))
 }
 
-fn start_shim(broker_port: u16, dir: &Path) -> Result<(Proc, String)> {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN)?;
+/// A shim on a free loopback port for `broker_port`, presenting `token`; `name` names its
+/// token and log files in `dir`.
+pub fn start_shim(broker_port: u16, token: &str, name: &str, dir: &Path) -> Result<(Proc, String)> {
+    let token_file = dir.join(format!("{name}.token"));
+    std::fs::write(&token_file, token)?;
     let (port, admin) = (free_port(), free_port());
     let mut cmd = Command::new(bin("etcd-shim"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}")])
@@ -129,8 +131,8 @@ fn start_shim(broker_port: u16, dir: &Path) -> Result<(Proc, String)> {
         .arg("--token-file")
         .arg(&token_file)
         .args(QUIET);
-    let mut proc = Proc::spawn("shim", cmd, dir)?;
-    if !proc.wait_ready("shim", admin)? {
+    let mut proc = Proc::spawn(name, cmd, dir)?;
+    if !proc.wait_ready(name, admin)? {
         bail!("shim exited: {}", proc.log());
     }
     Ok((proc, format!("http://127.0.0.1:{port}")))
