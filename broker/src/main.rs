@@ -117,7 +117,7 @@ struct Args {
     config: Option<PathBuf>,
     /// How often the config and key files are re-read even without a change event
     /// (and how often keys are refreshed from the API server).
-    #[arg(long, env = "ETCD_SHIM_BROKER_RELOAD_INTERVAL", default_value = "30s", value_parser = humantime_secs)]
+    #[arg(long, env = "ETCD_SHIM_BROKER_RELOAD_INTERVAL", default_value = "30s", value_parser = etcd_shim_core::parse_duration)]
     reload_interval: Duration,
     /// Tenant `<ns>/<sa>` keys live under `<root><ns>/<sa>/`.
     #[arg(
@@ -145,7 +145,7 @@ struct Args {
     #[arg(long, env = "ETCD_SHIM_BROKER_ETCD_DEDICATED")]
     etcd_dedicated: bool,
     /// How often a dedicated backend is compacted (by one broker replica at a time).
-    #[arg(long, env = "ETCD_SHIM_BROKER_DEDICATED_COMPACTION_INTERVAL", default_value = "5m", value_parser = humantime_secs)]
+    #[arg(long, env = "ETCD_SHIM_BROKER_DEDICATED_COMPACTION_INTERVAL", default_value = "5m", value_parser = etcd_shim_core::parse_duration)]
     dedicated_compaction_interval: Duration,
     /// Client URLs that MemberList reports to clients calling the broker directly.
     #[arg(
@@ -163,7 +163,7 @@ struct Args {
     /// How long a client may leave a stream's answers untaken (Watch, LeaseKeepAlive,
     /// RangeStream, Observe) before the broker ends the stream with Unavailable, frees
     /// what it held and cancels the etcd stream behind it.
-    #[arg(long, env = "ETCD_SHIM_BROKER_SLOW_CLIENT_TIMEOUT", default_value = "30s", value_parser = humantime_secs)]
+    #[arg(long, env = "ETCD_SHIM_BROKER_SLOW_CLIENT_TIMEOUT", default_value = "30s", value_parser = etcd_shim_core::parse_duration)]
     slow_client_timeout: Duration,
     /// Broker replicas serving the same tenants (the Deployment's replica count). Each
     /// enforces 1/N of every tenant's rate, concurrency and watch limits, so that
@@ -172,7 +172,7 @@ struct Args {
     #[arg(long, env = "ETCD_SHIM_BROKER_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     replicas: u32,
     /// How long open calls may take to finish after SIGTERM.
-    #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime_secs)]
+    #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = etcd_shim_core::parse_duration)]
     drain_timeout: Duration,
     #[arg(long, env = "ETCD_SHIM_BROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     log_format: LogFormat,
@@ -223,10 +223,6 @@ impl Args {
             m => Ok(m),
         }
     }
-}
-
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    etcd_shim_core::parse_duration(s)
 }
 
 #[tokio::main]

@@ -25,27 +25,15 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text.replace('\n', " ")
 }
 
-/// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
+/// Parses a duration the one way every etcd-shim flag and file does: `humantime`'s
+/// grammar (`500ms`, `10s`, `5m`, `1h30m`, `7d`), and a bare number as seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    use std::time::Duration;
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {s:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = s.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -60,8 +48,21 @@ mod tests {
         );
         assert_eq!(super::parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(super::parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(super::parse_duration("3d").is_err());
-        assert!(super::parse_duration("x").is_err());
+        assert_eq!(
+            super::parse_duration("1h30m"),
+            Ok(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            super::parse_duration("3d"),
+            Ok(Duration::from_secs(3 * 86_400))
+        );
+        assert_eq!(
+            super::parse_duration("1.5s"),
+            Ok(Duration::from_millis(1500))
+        );
+        for bad in ["", "x", "5 parsecs", "-1s"] {
+            assert!(super::parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }
 

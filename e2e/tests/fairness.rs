@@ -16,7 +16,8 @@ const SHIM: &str = "http://127.0.0.1:2379";
 
 /// `defaultLimits` of charts/etcd-shim/values.yaml: what every admitted tenant gets.
 const CHART_LIMITS: &str = "defaultLimits: {bytes: 256Mi, keys: 100000, readsPerSecond: 500, \
-     readBurst: 1000, writesPerSecond: 100, writeBurst: 200, watches: 500, leases: 1000}\n";
+     readBurst: 1000, writesPerSecond: 100, writeBurst: 200, writeBytesPerSecond: 1Mi, \
+     writeBytesBurst: 16Mi, watches: 500, leases: 1000}\n";
 
 /// B's paced workload: one client, a put and a get of small values per round.
 const B_ROUNDS_PER_SEC: u64 = 50;

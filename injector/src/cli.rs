@@ -387,7 +387,9 @@ mod tests {
             Args::try_parse_from(["etcd-shim-injector", "--sidecar-mode", "sideways"]).is_err()
         );
         assert!(Args::try_parse_from(["etcd-shim-injector", "--listen", "nowhere"]).is_err());
-        assert!(Args::try_parse_from(["etcd-shim-injector", "--drain-timeout", "3d"]).is_err());
+        assert!(
+            Args::try_parse_from(["etcd-shim-injector", "--drain-timeout", "3 parsecs"]).is_err()
+        );
         let args =
             Args::try_parse_from(["etcd-shim-injector", "--shim-cpu-request", "lots"]).unwrap();
         let err = args.inject_config().unwrap_err().to_string();
