@@ -21,7 +21,9 @@ use crate::stats::Sample;
 
 /// `defaultLimits` of charts/etcd-shim/values.yaml.
 pub const CHART_LIMITS: &str = "defaultLimits: {bytes: 256Mi, keys: 100000, readsPerSecond: 500, \
-     readBurst: 1000, writesPerSecond: 100, writeBurst: 200, watches: 500, leases: 1000}\n";
+     readBurst: 1000, writesPerSecond: 100, writeBurst: 200, writeBytesPerSecond: 1Mi, \
+     writeBytesBurst: 16Mi, watchBytesPerSecond: 4Mi, watchBytesBurst: 16Mi, watches: 500, \
+     leases: 1000}\n";
 /// The well-behaved tenant's rounds per second, each a put and a get of a small value.
 pub const ROUNDS_PER_SEC: u64 = 50;
 /// A p99 alone below this counts as this in the ratio, as in the e2e test: twice a

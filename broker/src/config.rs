@@ -139,6 +139,15 @@ pub struct LimitsSpec {
     /// unset.
     #[serde(default)]
     pub write_bytes_burst: Option<ByteSize>,
+    /// Sustained bytes of watch events sent to the tenant per second, over all its
+    /// watches: bounds what its fan-out costs etcd and the broker. Delivery is paced to
+    /// it, never refused.
+    #[serde(default)]
+    pub watch_bytes_per_second: Option<ByteSize>,
+    /// Watch bytes that may go at once after a quiet spell; `watchBytesPerSecond` when
+    /// unset.
+    #[serde(default)]
+    pub watch_bytes_burst: Option<ByteSize>,
     /// Unary calls in flight at once, per broker replica.
     #[serde(default)]
     pub concurrent_requests: Option<u32>,
@@ -203,6 +212,8 @@ pub struct Limits {
     pub writes: Option<Rate>,
     /// Bytes written; a token is a byte.
     pub write_bytes: Option<Rate>,
+    /// Bytes of watch responses sent; a token is a byte.
+    pub watch_bytes: Option<Rate>,
     pub concurrent_requests: Option<u32>,
     pub watches: Option<u32>,
     pub leases: Option<u32>,
@@ -231,6 +242,7 @@ impl Limits {
             reads: self.reads.as_ref().map(rate),
             writes: self.writes.as_ref().map(rate),
             write_bytes: self.write_bytes.as_ref().map(rate),
+            watch_bytes: self.watch_bytes.as_ref().map(rate),
             concurrent_requests: self.concurrent_requests.map(share),
             watches: self.watches.map(share),
             ..self.clone()
@@ -292,6 +304,11 @@ impl LimitsSpec {
             per_second.map(|b| b as f64),
             burst.map(as_u32),
         )?;
+        let watch_bytes = rate(
+            ("watchBytesPerSecond", "watchBytesBurst"),
+            size("watchBytesPerSecond", &self.watch_bytes_per_second)?.map(|b| b as f64),
+            size("watchBytesBurst", &self.watch_bytes_burst)?.map(as_u32),
+        )?;
         Ok(Limits {
             reads: rate(
                 ("readsPerSecond", "readBurst"),
@@ -304,6 +321,7 @@ impl LimitsSpec {
                 self.write_burst,
             )?,
             write_bytes,
+            watch_bytes,
             concurrent_requests: self.concurrent_requests,
             watches: self.watches,
             leases: self.leases,

@@ -112,6 +112,27 @@ impl Bucket {
         self.take_n(now, rate, 1)
     }
 
+    /// Takes `n` tokens, owing what there is not, and says how long to wait before
+    /// going on: the time the rate takes to pay the debt. Callers that all wait so go
+    /// through at the rate, in turn.
+    pub fn pace(&mut self, now: Instant, rate: Rate, n: u64) -> Duration {
+        let burst = f64::from(rate.burst);
+        let tokens = match self.last {
+            None => burst,
+            Some(last) => {
+                let refill = now.saturating_duration_since(last).as_secs_f64() * rate.per_second;
+                (self.tokens + refill).min(burst)
+            }
+        };
+        self.last = Some(now);
+        self.tokens = tokens - n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate.per_second)
+        }
+    }
+
     /// Takes `n` tokens if there are as many, or a full bucket's worth if `n` is more
     /// than a burst: then the bucket owes the rest and refills from below zero, so over
     /// any span no more than the burst plus the rate times the span goes through, plus
@@ -256,6 +277,7 @@ pub struct TenantState {
     reads: Mutex<Bucket>,
     writes: Mutex<Bucket>,
     write_bytes: Mutex<Bucket>,
+    watch_bytes: Mutex<Bucket>,
     in_flight: AtomicU32,
     /// Watches open or being created through this broker.
     watches: AtomicI64,
@@ -290,6 +312,7 @@ impl TenantState {
             reads: Mutex::default(),
             writes: Mutex::default(),
             write_bytes: Mutex::default(),
+            watch_bytes: Mutex::default(),
             in_flight: AtomicU32::new(0),
             watches: AtomicI64::new(0),
             leases: AtomicI64::new(-1),
@@ -329,6 +352,18 @@ impl TenantState {
             .unwrap_or_else(|e| e.into_inner())
             .take_n(Instant::now(), rate, bytes);
         if ok { Ok(()) } else { Err(Refusal::WriteBytes) }
+    }
+
+    /// How long to hold a watch response of `bytes` so that the tenant's watches together
+    /// stay within its watch byte rate.
+    pub fn pace_watch(&self, limits: &Limits, bytes: usize) -> Duration {
+        let Some(rate) = limits.watch_bytes else {
+            return Duration::ZERO;
+        };
+        self.watch_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pace(Instant::now(), rate, bytes as u64)
     }
 
     /// Counts a call in flight until the permit drops.
@@ -552,6 +587,10 @@ impl Collector for States {
             set(
                 "write_bytes_per_second",
                 l.write_bytes.map(|r| r.per_second),
+            );
+            set(
+                "watch_bytes_per_second",
+                l.watch_bytes.map(|r| r.per_second),
             );
             set("requests_in_flight", l.concurrent_requests.map(f64::from));
             set("watches", l.watches.map(f64::from));
@@ -892,6 +931,19 @@ mod tests {
 
     fn rate(per_second: f64, burst: u32) -> Rate {
         Rate { per_second, burst }
+    }
+
+    #[test]
+    fn pacing_lets_callers_through_at_the_rate_in_turn() {
+        let now = Instant::now();
+        let r = rate(100.0, 100);
+        let mut b = Bucket::default();
+        // A full bucket lets the burst go at once; then each caller waits for its share.
+        assert_eq!(b.pace(now, r, 100), Duration::ZERO);
+        assert_eq!(b.pace(now, r, 50), Duration::from_millis(500));
+        assert_eq!(b.pace(now, r, 50), Duration::from_secs(1));
+        // Time pays the debt back.
+        assert_eq!(b.pace(now + Duration::from_secs(2), r, 100), Duration::ZERO);
     }
 
     #[test]

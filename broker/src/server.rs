@@ -230,8 +230,66 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 }
 
+/// How long a call refused for a limit (ResourceExhausted: too many requests, or a full
+/// quota) waits before it is answered. A client looping on refusals then spends a
+/// connection's worth of calls per this span, not per round trip: without it, a tenant
+/// retrying 1 MiB puts at once made the shim and the broker receive and decode a hundred
+/// MiB a second to refuse them, on CPU its neighbours share.
+const REFUSAL_HOLD: Duration = Duration::from_millis(500);
+
+/// Holds every answer with gRPC status ResourceExhausted for [`REFUSAL_HOLD`].
+#[derive(Clone)]
+struct HoldRefusals<S> {
+    inner: S,
+}
+
+#[derive(Clone)]
+struct HoldRefusalsLayer;
+
+impl<S> tower::Layer<S> for HoldRefusalsLayer {
+    type Service = HoldRefusals<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HoldRefusals { inner }
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for HoldRefusals<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let resp = answer.await?;
+            // A refusal is trailers-only: its status is in the headers.
+            let exhausted = resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == b"8");
+            if exhausted {
+                tokio::time::sleep(REFUSAL_HOLD).await;
+            }
+            Ok(resp)
+        })
+    }
+}
+
 /// Every service the broker serves, with etcd's limits.
-fn router(broker: Broker) -> Router {
+fn router(
+    broker: Broker,
+) -> Router<tower::layer::util::Stack<HoldRefusalsLayer, tower::layer::util::Identity>> {
     // etcd reports the empty service name as SERVING; so does the broker.
     let (_reporter, health) = tonic_health::server::health_reporter();
     let b = broker;
@@ -243,6 +301,7 @@ fn router(broker: Broker) -> Router {
         .max_concurrent_streams(Some(u32::MAX))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .layer(HoldRefusalsLayer)
         .add_service(
             PbKvServer::new(b.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES)

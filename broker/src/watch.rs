@@ -6,6 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use etcd_client::proto::{PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -193,6 +194,17 @@ impl PbWatchService for Broker {
                         let s = rewrite::watch_events(&t.prefix, &mut resp.events);
                         t.lease_ids.events(&mut resp.events);
                         broker.check_stripped(&t, "Watch", s);
+                        let hold = t.state.pace_watch(&t.limits, resp.encoded_len());
+                        if !hold.is_zero() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(hold) => {}
+                                _ = shutdown.cancelled() => {
+                                    tx.fail(crate::upstream::shutting_down());
+                                    break;
+                                }
+                                _ = tx.closed() => break,
+                            }
+                        }
                         match tx.send(resp).await {
                             Ok(()) => {}
                             Err(Gone::Slow) => {
