@@ -11,9 +11,9 @@
 
 use arbitrary::Arbitrary;
 use etcd_client::proto::{
-    PbCompare, PbDeleteRequest, PbDeleteResponse, PbEvent, PbKeyValue, PbPutRequest,
-    PbPutResponse, PbRangeRequest, PbRangeResponse, PbResponseHeader, PbResponseOp,
-    PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse,
+    PbCompare, PbDeleteRequest, PbDeleteResponse, PbEvent, PbKeyValue, PbPutRequest, PbPutResponse,
+    PbRangeRequest, PbRangeResponse, PbResponseHeader, PbResponseOp, PbTxnOpRequest,
+    PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse,
 };
 use etcd_shim_broker::error::EtcdError;
 use etcd_shim_broker::rewrite::{self, Prefix};
@@ -299,14 +299,20 @@ fn expected(p: &Prefix, key: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (p.key(key), end)
 }
 
+/// Whether etcd refuses the transaction for an empty key: in a compare or an op, at any
+/// level of nesting.
 fn has_empty_op_key(t: &PbTxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).any(|op| match &op.request {
-        Some(PbTxnOpRequest::RequestRange(r)) => r.key.is_empty(),
-        Some(PbTxnOpRequest::RequestPut(r)) => r.key.is_empty(),
-        Some(PbTxnOpRequest::RequestDeleteRange(r)) => r.key.is_empty(),
-        Some(PbTxnOpRequest::RequestTxn(t)) => has_empty_op_key(t),
-        None => false,
-    })
+    t.compare.iter().any(|c| c.key.is_empty())
+        || t.success
+            .iter()
+            .chain(&t.failure)
+            .any(|op| match &op.request {
+                Some(PbTxnOpRequest::RequestRange(r)) => r.key.is_empty(),
+                Some(PbTxnOpRequest::RequestPut(r)) => r.key.is_empty(),
+                Some(PbTxnOpRequest::RequestDeleteRange(r)) => r.key.is_empty(),
+                Some(PbTxnOpRequest::RequestTxn(t)) => has_empty_op_key(t),
+                None => false,
+            })
 }
 
 fn leases(t: &PbTxnRequest, out: &mut Vec<i64>) {
@@ -437,9 +443,12 @@ fn requests(p: &Prefix, input: &Input) {
             assert_eq!(t, orig, "refused txn was changed");
         }
     }
-    let (mut got, mut want) = (Vec::new(), Vec::new());
-    rewrite::txn_leases(&orig, &mut got);
+    let mut want = Vec::new();
     leases(&orig, &mut want);
+    let mut copy = orig.clone();
+    let mut got = Vec::new();
+    rewrite::txn_leases(&mut copy, &mut got);
+    let got: Vec<i64> = got.into_iter().map(|l| *l).collect();
     assert_eq!(got, want, "leases of a txn");
 
     let (mut key, mut end) = (input.watch_key.get(), input.watch_end.get());
