@@ -116,16 +116,7 @@ impl Bucket {
     /// going on: the time the rate takes to pay the debt. Callers that all wait so go
     /// through at the rate, in turn.
     pub fn pace(&mut self, now: Instant, rate: Rate, n: u64) -> Duration {
-        let burst = f64::from(rate.burst);
-        let tokens = match self.last {
-            None => burst,
-            Some(last) => {
-                let refill = now.saturating_duration_since(last).as_secs_f64() * rate.per_second;
-                (self.tokens + refill).min(burst)
-            }
-        };
-        self.last = Some(now);
-        self.tokens = tokens - n as f64;
+        self.tokens = self.refill(now, rate) - n as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
@@ -138,6 +129,20 @@ impl Bucket {
     /// any span no more than the burst plus the rate times the span goes through, plus
     /// one call.
     pub fn take_n(&mut self, now: Instant, rate: Rate, n: u64) -> bool {
+        let tokens = self.refill(now, rate);
+        let n = n as f64;
+        if tokens >= n.min(f64::from(rate.burst)) {
+            self.tokens = tokens - n;
+            true
+        } else {
+            self.tokens = tokens;
+            false
+        }
+    }
+
+    /// The tokens at `now`: what was left plus what the rate added since, at most a
+    /// burst (a new bucket starts full).
+    fn refill(&mut self, now: Instant, rate: Rate) -> f64 {
         let burst = f64::from(rate.burst);
         let tokens = match self.last {
             None => burst,
@@ -147,14 +152,7 @@ impl Bucket {
             }
         };
         self.last = Some(now);
-        let n = n as f64;
-        if tokens >= n.min(burst) {
-            self.tokens = tokens - n;
-            true
-        } else {
-            self.tokens = tokens;
-            false
-        }
+        tokens
     }
 }
 
