@@ -314,19 +314,18 @@ fn figures(mut l: Vec<Duration>) -> Figures {
 /// stalled connection) costs B tens of milliseconds or seconds, far above the floor.
 const BASELINE_FLOOR: Duration = Duration::from_millis(2);
 
-#[test]
-#[ignore = "timed on two cores that CI shares with the Kubernetes suites, so it flakes \
-            there; run on a quiet machine with --run-ignored all"]
-fn a_well_behaved_tenant_keeps_its_latency_beside_an_aggressive_one() -> Result<()> {
+/// The scene: B alone, then B beside A at full speed, A under `config`'s limits. B's
+/// calls must all succeed (each within `B_CALL_TIMEOUT`); returns B's figures alone and
+/// beside A.
+fn scene(config: &str) -> Result<(Figures, Figures)> {
     // A's puts leave history at up to the write rate times 1 MiB a second, more than
     // etcd's default 2 GiB quota holds in a minute without compaction; the quota is
-    // raised so the scene measures latency, not etcd's space alarm (docs/broker-config.md,
-    // "What the limits do not bound").
+    // raised so the scene measures latency, not etcd's space alarm.
     let etcd = Etcd::start_with(&["--quota-backend-bytes", "8589934592"])?;
     let broker = Broker::start_with_config(
         &[&etcd.url],
         &[("token-a", TENANT_A), ("token-b", TENANT_B)],
-        &format!("{CHART_LIMITS}{A_LIMITS}"),
+        config,
         &["--log-level", "warn"],
     )?;
     let mut b = Pod::new()?;
@@ -405,6 +404,37 @@ fn a_well_behaved_tenant_keeps_its_latency_beside_an_aggressive_one() -> Result<
         rss_mib(broker.proc.pid()),
         rss_mib(etcd.proc.pid())
     );
+    println!(
+        "ratio of p99s: {:.2}",
+        beside.p99.as_secs_f64() / alone.p99.max(BASELINE_FLOOR).as_secs_f64()
+    );
+    Ok((alone, beside))
+}
+
+/// As the chart installs it (every tenant with its `defaultLimits`): A at full speed
+/// never makes a call of B's fail or stall. Only that is asserted here, where CI runs
+/// it beside other suites on two cores; the p99 bound is the test below, and the
+/// Fairness section of BENCHMARKS.md reports the ratio with these limits.
+#[test]
+fn a_tenant_at_full_speed_never_fails_or_stalls_a_neighbours_calls() -> Result<()> {
+    let (_, beside) = scene(CHART_LIMITS)?;
+    ensure!(
+        beside.max < STALL,
+        "B's slowest call beside A took {:?}",
+        beside.max
+    );
+    Ok(())
+}
+
+/// A call of B's slower than this is a stall, whatever the machine is doing meanwhile:
+/// alone, B's slowest calls take tens of milliseconds.
+const STALL: Duration = Duration::from_secs(2);
+
+#[test]
+#[ignore = "timed on two cores that CI shares with the Kubernetes suites, so it flakes \
+            there; run on a quiet machine with --run-ignored all"]
+fn a_well_behaved_tenant_keeps_its_latency_beside_an_aggressive_one() -> Result<()> {
+    let (alone, beside) = scene(&format!("{CHART_LIMITS}{A_LIMITS}"))?;
     let bound = 2 * alone.p99.max(BASELINE_FLOOR);
     println!(
         "bound: 2 x max(p99 alone, {BASELINE_FLOOR:?}) = {bound:?}; ratio {:.2}",
