@@ -4,7 +4,10 @@
 use etcd_client::proto::*;
 use tonic::{Request, Response, Status};
 
+use crate::call::Admit;
 use crate::{Broker, rewrite};
+
+const SERVICE: &str = "Cluster";
 
 /// The one member every tenant sees. `client_urls` are the address the client should
 /// keep using (the shim's own, or the broker's for direct clients).
@@ -30,34 +33,42 @@ impl PbClusterService for Broker {
         &self,
         r: Request<PbMemberAddRequest>,
     ) -> Result<Response<PbMemberAddResponse>, Status> {
-        self.refuse(r.metadata(), "MemberAdd").await
+        self.refuse(SERVICE, "MemberAdd", r).await
     }
     async fn member_remove(
         &self,
         r: Request<PbMemberRemoveRequest>,
     ) -> Result<Response<PbMemberRemoveResponse>, Status> {
-        self.refuse(r.metadata(), "MemberRemove").await
+        self.refuse(SERVICE, "MemberRemove", r).await
     }
     async fn member_update(
         &self,
         r: Request<PbMemberUpdateRequest>,
     ) -> Result<Response<PbMemberUpdateResponse>, Status> {
-        self.refuse(r.metadata(), "MemberUpdate").await
+        self.refuse(SERVICE, "MemberUpdate", r).await
     }
     async fn member_list(
         &self,
         r: Request<PbMemberListRequest>,
     ) -> Result<Response<PbMemberListResponse>, Status> {
-        self.tenant(r.metadata()).await?;
-        Ok(Response::new(synthetic_member_list(
-            self.synthetic_header(),
-            self.inner.advertise_client_urls.clone(),
-        )))
+        self.call(
+            SERVICE,
+            "MemberList",
+            Admit::Handler,
+            r,
+            |_, _| async move {
+                Ok(synthetic_member_list(
+                    self.synthetic_header(),
+                    self.inner.advertise_client_urls.clone(),
+                ))
+            },
+        )
+        .await
     }
     async fn member_promote(
         &self,
         r: Request<PbMemberPromoteRequest>,
     ) -> Result<Response<PbMemberPromoteResponse>, Status> {
-        self.refuse(r.metadata(), "MemberPromote").await
+        self.refuse(SERVICE, "MemberPromote", r).await
     }
 }

@@ -1,8 +1,6 @@
 //! KV: Range, Put, DeleteRange, Txn under the tenant prefix, with lease IDs in the
 //! tenant's terms (see `leaseid`); Compact is the tenant's own (see `compaction`).
 
-use crate::metrics::Call;
-
 use etcd_client::proto::{
     PbCompactionRequest, PbCompactionResponse, PbDeleteRequest, PbDeleteResponse, PbKvService,
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
@@ -13,6 +11,7 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::call::{Admit, Caller};
 use crate::error::EtcdError;
 use crate::limits::{Class, Reservation};
 use crate::upstream::request_from;
@@ -26,23 +25,22 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Read, "Range")?;
-            let md = req.metadata().clone();
-            let mut r = req.into_inner();
-            rewrite::range_request(&t.prefix, &mut r)?;
-            let mut resp = self.guarded_range(&t, &md, r).await?;
-            self.note(&resp.header);
-            let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
-            self.check_stripped(&t, "Range", s);
-            t.lease_ids.kvs(&mut resp.kvs);
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "Range", &call, &res);
-        res
+        self.call(
+            SERVICE,
+            "Range",
+            Admit::InFlight(Class::Read),
+            req,
+            |c, mut r| async move {
+                rewrite::range_request(&c.t.prefix, &mut r)?;
+                let mut resp = self.guarded_range(&c.t, &c.md, r).await?;
+                self.note(&resp.header);
+                let s = rewrite::range_response(&c.t.prefix, &mut resp.header, &mut resp.kvs);
+                self.check_stripped(&c.t, "Range", s);
+                c.t.lease_ids.kvs(&mut resp.kvs);
+                Ok(resp)
+            },
+        )
+        .await
     }
 
     type RangeStreamStream = crate::outbox::Inbox<PbRangeStreamResponse>;
@@ -54,70 +52,66 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbRangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let permit = self.admit(&t, Class::Read, "RangeStream")?;
-            let md = req.metadata().clone();
-            let mut r = req.into_inner();
-            rewrite::range_request(&t.prefix, &mut r)?;
-            self.check_compacted(&t, &md, r.revision).await?;
-            let upstream = t
-                .upstream
-                .server_streaming::<_, PbRangeStreamResponse>(
-                    "/etcdserverpb.KV/RangeStream",
-                    request_from(&md, r),
-                )
-                .await?
-                .into_inner();
-            let broker = self.clone();
-            let (tx, rx) = self.outbox("etcd-shim: range stream reader too slow to keep up");
-            upstream.relay(
-                tx,
-                self.inner.shutdown.clone(),
-                permit,
-                move |mut chunk: PbRangeStreamResponse| {
-                    if let Some(resp) = chunk.range_response.as_mut() {
-                        broker.note(&resp.header);
-                        let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
-                        broker.check_stripped(&t, "RangeStream", s);
-                        t.lease_ids.kvs(&mut resp.kvs);
-                    }
-                    chunk
-                },
-            );
-            Ok(Response::new(rx))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "RangeStream", &call, &res);
-        res
+        // The stream counts as in flight until it ends, so it holds its own permit.
+        self.call(
+            SERVICE,
+            "RangeStream",
+            Admit::Handler,
+            req,
+            |c, mut r| async move {
+                let Caller { t, md } = c;
+                let permit = self.admit(&t, Class::Read, "RangeStream")?;
+                rewrite::range_request(&t.prefix, &mut r)?;
+                self.check_compacted(&t, &md, r.revision).await?;
+                let upstream = t
+                    .upstream
+                    .server_streaming::<_, PbRangeStreamResponse>(
+                        "/etcdserverpb.KV/RangeStream",
+                        request_from(&md, r),
+                    )
+                    .await?
+                    .into_inner();
+                let broker = self.clone();
+                let (tx, rx) = self.outbox("etcd-shim: range stream reader too slow to keep up");
+                upstream.relay(
+                    tx,
+                    self.inner.shutdown.clone(),
+                    permit,
+                    move |mut chunk: PbRangeStreamResponse| {
+                        if let Some(resp) = chunk.range_response.as_mut() {
+                            broker.note(&resp.header);
+                            let s =
+                                rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.kvs);
+                            broker.check_stripped(&t, "RangeStream", s);
+                            t.lease_ids.kvs(&mut resp.kvs);
+                        }
+                        chunk
+                    },
+                );
+                Ok(rx)
+            },
+        )
+        .await
     }
 
     async fn put(&self, req: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Write, "Put")?;
-            let md = req.metadata().clone();
-            self.put_as(&t, &md, req.into_inner(), "Put")
-                .await
-                .map(Response::new)
-        }
-        .await;
-        self.metrics().observe(SERVICE, "Put", &call, &res);
-        res
+        self.call(
+            SERVICE,
+            "Put",
+            Admit::InFlight(Class::Write),
+            req,
+            |c, r| async move { self.put_as(&c.t, &c.md, r, "Put").await },
+        )
+        .await
     }
 
     async fn delete_range(
         &self,
         req: Request<PbDeleteRequest>,
     ) -> Result<Response<PbDeleteResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Write, "DeleteRange")?;
-            let md = req.metadata().clone();
-            let mut r = req.into_inner();
+        let admit = Admit::InFlight(Class::Write);
+        self.call(SERVICE, "DeleteRange", admit, req, |c, mut r| async move {
+            let Caller { t, md } = c;
             rewrite::delete_request(&t.prefix, &mut r)?;
             let resv = self.track(&t);
             let asked = r.prev_kv;
@@ -143,28 +137,25 @@ impl PbKvService for Broker {
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.prev_kvs);
             self.check_stripped(&t, "DeleteRange", s);
             t.lease_ids.kvs(&mut resp.prev_kvs);
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "DeleteRange", &call, &res);
-        res
+            Ok(resp)
+        })
+        .await
     }
 
     async fn txn(&self, req: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let writes = quota::txn_writes(req.get_ref());
-            let class = if writes { Class::Write } else { Class::Read };
-            let _permit = self.admit(&t, class, "Txn")?;
-            let md = req.metadata().clone();
-            self.txn_as(&t, &md, req.into_inner(), "Txn")
-                .await
-                .map(Response::new)
-        }
-        .await;
-        self.metrics().observe(SERVICE, "Txn", &call, &res);
-        res
+        let class = if quota::txn_writes(req.get_ref()) {
+            Class::Write
+        } else {
+            Class::Read
+        };
+        self.call(
+            SERVICE,
+            "Txn",
+            Admit::InFlight(class),
+            req,
+            |c, r| async move { self.txn_as(&c.t, &c.md, r, "Txn").await },
+        )
+        .await
     }
 
     /// Compaction of the tenant's own history (see `compaction`): etcd's validation and
@@ -174,18 +165,11 @@ impl PbKvService for Broker {
         &self,
         req: Request<PbCompactionRequest>,
     ) -> Result<Response<PbCompactionResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Write, "Compact")?;
-            let resp = self
-                .compact_tenant(&t, req.metadata(), req.get_ref().revision)
-                .await?;
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "Compact", &call, &res);
-        res
+        let admit = Admit::InFlight(Class::Write);
+        self.call(SERVICE, "Compact", admit, req, |c, r| async move {
+            self.compact_tenant(&c.t, &c.md, r.revision).await
+        })
+        .await
     }
 }
 

@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::metrics::Call;
-
 use etcd_client::proto::{
     PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse,
     PbLeaseLeasesRequest, PbLeaseLeasesResponse, PbLeaseRevokeRequest, PbLeaseRevokeResponse,
@@ -19,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::call::{self, Admit, Caller};
 use crate::limits::Class;
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
@@ -35,30 +34,22 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<PbLeaseGrantRequest>,
     ) -> Result<Response<PbLeaseGrantResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Write, "LeaseGrant")?;
-            let md = req.metadata().clone();
-            self.grant_as(&t, &md, req.into_inner())
-                .await
-                .map(Response::new)
-        }
-        .await;
-        self.metrics().observe(SERVICE, "LeaseGrant", &call, &res);
-        res
+        let admit = Admit::InFlight(Class::Write);
+        self.call(SERVICE, "LeaseGrant", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            self.grant_as(&t, &md, r).await
+        })
+        .await
     }
 
     async fn lease_revoke(
         &self,
         req: Request<PbLeaseRevokeRequest>,
     ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Write, "LeaseRevoke")?;
-            let md = req.metadata().clone();
-            let mut r = req.into_inner();
+        let admit = Admit::InFlight(Class::Write);
+        self.call(SERVICE, "LeaseRevoke", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            let mut r = r;
             let id = self.real_lease(&t, "LeaseRevoke", r.id).await?;
             r.id = id;
             let mut resp: PbLeaseRevokeResponse = t
@@ -71,11 +62,9 @@ impl PbLeaseService for Broker {
             self.refresh_soon(&t);
             self.note(&resp.header);
             rewrite::scrub_header(&mut resp.header);
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "LeaseRevoke", &call, &res);
-        res
+            Ok(resp)
+        })
+        .await
     }
 
     type LeaseKeepAliveStream = crate::outbox::Inbox<PbLeaseKeepAliveResponse>;
@@ -84,167 +73,176 @@ impl PbLeaseService for Broker {
         &self,
         req: Request<Streaming<PbLeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        let md = req.metadata().clone();
-        let mut downstream = req.into_inner();
-        let (tx, rx) = self.outbox("etcd-shim: keep-alive reader too slow to keep up");
-        let (up_tx, up_rx) = mpsc::channel::<PbLeaseKeepAliveRequest>(16);
+        self.call(
+            SERVICE,
+            "LeaseKeepAlive",
+            Admit::Handler,
+            req,
+            |c, downstream| async move {
+                let Caller { t, md } = c;
+                let mut downstream = downstream;
+                let (tx, rx) = self.outbox("etcd-shim: keep-alive reader too slow to keep up");
+                let (up_tx, up_rx) = mpsc::channel::<PbLeaseKeepAliveRequest>(16);
 
-        // Requests: owned leases go to etcd; for any other id, answer as etcd does for a
-        // missing lease (TTL 0) without asking it.
-        // The ID each real lease was last kept alive by, so that answers carry the ID the
-        // client sent (one learnt before a secret rotation included).
-        let sent: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
-        let broker = self.clone();
-        let tenant = t.clone();
-        let local_tx = tx.clone();
-        let asked = sent.clone();
-        // Ends the request side with the response side, so that etcd's stream ends too
-        // (the broker's half of it stays open while requests can still come).
-        let done = tokio_util::sync::CancellationToken::new();
-        let requests_done = done.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = downstream.next() => next,
-                    _ = requests_done.cancelled() => break,
-                };
-                let Some(Ok(mut msg)) = next else { break };
-                // Leases the caches know cost nothing; any other costs a Range on etcd,
-                // so it is charged to the tenant's read rate (a refusal ends the stream
-                // with etcd's "too many requests").
-                let known: Vec<(i64, Option<bool>)> = tenant
-                    .lease_ids
-                    .candidates(msg.id)
-                    .map(|real| (real, broker.inner.leases.known(&tenant, real)))
-                    .collect();
-                let owned = if let Some((real, _)) = known.iter().find(|k| k.1 == Some(true)) {
-                    Ok(Some(*real))
-                } else if known.iter().all(|k| k.1 == Some(false)) {
-                    Ok(None)
-                } else if let Err(refused) = broker.rate(&tenant, Class::Read, "LeaseKeepAlive") {
-                    Err(refused)
-                } else {
-                    broker.owned_lease(&tenant, msg.id).await
-                };
-                match owned {
-                    Ok(Some(real)) => {
-                        {
-                            let mut asked = asked.lock().unwrap_or_else(|e| e.into_inner());
-                            if asked.len() >= KEEPALIVE_IDS_MAX {
-                                asked.clear();
-                            }
-                            asked.insert(real, msg.id);
-                        }
-                        msg.id = real;
-                        if up_tx.send(msg).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => {
-                        broker.metrics().denied("foreign_lease");
-                        let resp = PbLeaseKeepAliveResponse {
-                            header: broker.synthetic_header(),
-                            id: msg.id,
-                            ttl: 0,
+                // Requests: owned leases go to etcd; for any other id, answer as etcd does for a
+                // missing lease (TTL 0) without asking it.
+                // The ID each real lease was last kept alive by, so that answers carry the ID the
+                // client sent (one learnt before a secret rotation included).
+                let sent: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
+                let broker = self.clone();
+                let tenant = t.clone();
+                let local_tx = tx.clone();
+                let asked = sent.clone();
+                // Ends the request side with the response side, so that etcd's stream ends too
+                // (the broker's half of it stays open while requests can still come).
+                let done = tokio_util::sync::CancellationToken::new();
+                let requests_done = done.clone();
+                call::spawn(async move {
+                    loop {
+                        let next = tokio::select! {
+                            next = downstream.next() => next,
+                            _ = requests_done.cancelled() => break,
                         };
-                        if local_tx.send(resp).await.is_err() {
-                            break;
+                        let Some(Ok(mut msg)) = next else { break };
+                        // Leases the caches know cost nothing; any other costs a Range on etcd,
+                        // so it is charged to the tenant's read rate (a refusal ends the stream
+                        // with etcd's "too many requests").
+                        let known: Vec<(i64, Option<bool>)> = tenant
+                            .lease_ids
+                            .candidates(msg.id)
+                            .map(|real| (real, broker.inner.leases.known(&tenant, real)))
+                            .collect();
+                        let owned =
+                            if let Some((real, _)) = known.iter().find(|k| k.1 == Some(true)) {
+                                Ok(Some(*real))
+                            } else if known.iter().all(|k| k.1 == Some(false)) {
+                                Ok(None)
+                            } else if let Err(refused) =
+                                broker.rate(&tenant, Class::Read, "LeaseKeepAlive")
+                            {
+                                Err(refused)
+                            } else {
+                                broker.owned_lease(&tenant, msg.id).await
+                            };
+                        match owned {
+                            Ok(Some(real)) => {
+                                {
+                                    let mut asked = asked.lock().unwrap_or_else(|e| e.into_inner());
+                                    if asked.len() >= KEEPALIVE_IDS_MAX {
+                                        asked.clear();
+                                    }
+                                    asked.insert(real, msg.id);
+                                }
+                                msg.id = real;
+                                if up_tx.send(msg).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => {
+                                broker.metrics().denied("foreign_lease");
+                                let resp = PbLeaseKeepAliveResponse {
+                                    header: broker.synthetic_header(),
+                                    id: msg.id,
+                                    ttl: 0,
+                                };
+                                if local_tx.send(resp).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(status) => {
+                                local_tx.fail(status);
+                                break;
+                            }
                         }
                     }
-                    Err(status) => {
-                        local_tx.fail(status);
-                        break;
-                    }
-                }
-            }
-        });
+                });
 
-        // etcd sends the stream's response headers only once a request reaches it, so
-        // waiting for them here would leave a client whose first keep-alive is for a
-        // foreign lease without an answer. Answer the call at once; open etcd's stream
-        // alongside.
-        let broker = self.clone();
-        let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            let _done = done.drop_guard();
-            let open = t
-                .upstream
-                .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
-                    "/etcdserverpb.Lease/LeaseKeepAlive",
-                    request_from(&md, ReceiverStream::new(up_rx)),
-                );
-            let mut upstream = tokio::select! {
-                opened = open => match opened {
-                    Ok(resp) => resp.into_inner(),
-                    Err(status) => {
-                        tx.fail(status);
-                        return;
-                    }
-                },
-                _ = shutdown.cancelled() => {
-                    tx.fail(crate::upstream::shutting_down());
-                    return;
-                }
-                _ = tx.closed() => return,
-            };
-            broker.metrics().keepalive_streams.inc();
-            loop {
-                let msg = tokio::select! {
-                    m = upstream.message() => m,
-                    _ = shutdown.cancelled() => {
-                        tx.fail(crate::upstream::shutting_down());
-                        break;
-                    }
-                    _ = tx.closed() => break,
-                };
-                match msg {
-                    Ok(Some(mut resp)) => {
-                        broker.note(&resp.header);
-                        rewrite::scrub_header(&mut resp.header);
-                        let known = sent
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get(&resp.id)
-                            .copied();
-                        resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
-                        if tx.send(resp).await.is_err() {
-                            break;
+                // etcd sends the stream's response headers only once a request reaches it, so
+                // waiting for them here would leave a client whose first keep-alive is for a
+                // foreign lease without an answer. Answer the call at once; open etcd's stream
+                // alongside.
+                let broker = self.clone();
+                let shutdown = self.inner.shutdown.clone();
+                call::spawn(async move {
+                    let _done = done.drop_guard();
+                    let open = t
+                        .upstream
+                        .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
+                            "/etcdserverpb.Lease/LeaseKeepAlive",
+                            request_from(&md, ReceiverStream::new(up_rx)),
+                        );
+                    let mut upstream = tokio::select! {
+                        opened = open => match opened {
+                            Ok(resp) => resp.into_inner(),
+                            Err(status) => {
+                                tx.fail(status);
+                                return;
+                            }
+                        },
+                        _ = shutdown.cancelled() => {
+                            tx.fail(crate::upstream::shutting_down());
+                            return;
+                        }
+                        _ = tx.closed() => return,
+                    };
+                    broker.metrics().keepalive_streams.inc();
+                    loop {
+                        let msg = tokio::select! {
+                            m = upstream.message() => m,
+                            _ = shutdown.cancelled() => {
+                                tx.fail(crate::upstream::shutting_down());
+                                break;
+                            }
+                            _ = tx.closed() => break,
+                        };
+                        match msg {
+                            Ok(Some(mut resp)) => {
+                                broker.note(&resp.header);
+                                rewrite::scrub_header(&mut resp.header);
+                                let known = sent
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .get(&resp.id)
+                                    .copied();
+                                resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
+                                if tx.send(resp).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tx.fail(crate::upstream::clean(status));
+                                break;
+                            }
                         }
                     }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tx.fail(crate::upstream::clean(status));
-                        break;
-                    }
-                }
-            }
-            broker.metrics().keepalive_streams.dec();
-        });
-        Ok(Response::new(rx))
+                    broker.metrics().keepalive_streams.dec();
+                });
+                Ok(rx)
+            },
+        )
+        .await
     }
 
     async fn lease_time_to_live(
         &self,
         req: Request<PbLeaseTimeToLiveRequest>,
     ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Read, "LeaseTimeToLive")?;
-            let md = req.metadata().clone();
-            let mut r = req.into_inner();
+        let admit = Admit::InFlight(Class::Read);
+        self.call(SERVICE, "LeaseTimeToLive", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            let mut r = r;
             let seen = r.id;
             let Some(real) = self.owned_lease(&t, seen).await? else {
                 self.metrics().denied("foreign_lease");
                 // etcd answers a missing lease with TTL -1, not an error.
-                return Ok(Response::new(PbLeaseTimeToLiveResponse {
+                return Ok(PbLeaseTimeToLiveResponse {
                     header: self.synthetic_header(),
                     id: r.id,
                     ttl: -1,
                     granted_ttl: 0,
                     keys: Vec::new(),
-                }));
+                });
             };
             r.id = real;
             let mut resp: PbLeaseTimeToLiveResponse = t
@@ -259,23 +257,18 @@ impl PbLeaseService for Broker {
             resp.keys.retain(|k| !t.lease_prefix.contains(k));
             let s = rewrite::strip_keys(&t.prefix, &mut resp.keys);
             self.check_stripped(&t, "LeaseTimeToLive", s);
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics()
-            .observe(SERVICE, "LeaseTimeToLive", &call, &res);
-        res
+            Ok(resp)
+        })
+        .await
     }
 
     async fn lease_leases(
         &self,
         req: Request<PbLeaseLeasesRequest>,
     ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Read, "LeaseLeases")?;
-            let md = req.metadata().clone();
+        let admit = Admit::InFlight(Class::Read);
+        self.call(SERVICE, "LeaseLeases", admit, req, |c, _r| async move {
+            let Caller { t, md } = c;
             // The tenant's leases are exactly its ownership records.
             let r = PbRangeRequest {
                 key: t.lease_prefix.as_bytes().to_vec(),
@@ -301,11 +294,9 @@ impl PbLeaseService for Broker {
                 .collect();
             let mut header = resp.header;
             rewrite::scrub_header(&mut header);
-            Ok(Response::new(PbLeaseLeasesResponse { header, leases }))
-        }
-        .await;
-        self.metrics().observe(SERVICE, "LeaseLeases", &call, &res);
-        res
+            Ok(PbLeaseLeasesResponse { header, leases })
+        })
+        .await
     }
 }
 

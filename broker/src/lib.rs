@@ -13,6 +13,8 @@ pub mod server;
 pub mod tokenreview;
 pub mod upstream;
 
+mod authapi;
+mod call;
 mod cluster;
 mod compaction;
 mod kv;
@@ -77,7 +79,7 @@ impl Broker {
         metrics: Metrics,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, tenant::TenantConfigError> {
-        let mut tenants = TenantResolver::new(
+        let tenants = TenantResolver::new(
             config::Base {
                 tenant_prefix_root: cfg.tenant_prefix_root.clone(),
                 lease_prefix: cfg.lease_prefix.clone(),
@@ -89,7 +91,6 @@ impl Broker {
         .with_dedicated_default(cfg.etcd_dedicated)
         .with_replicas(cfg.replicas)
         .with_connector(upstream::Connector::new(metrics.clone(), shutdown.clone()));
-        tenants.use_states(metrics.tenant_states.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 auth,
@@ -102,6 +103,14 @@ impl Broker {
                 slow_client_timeout: cfg.slow_client_timeout,
             }),
         })
+    }
+
+    /// Registers the series of the state the broker owns (each tenant's usage and
+    /// limits) under `etcd_broker_`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry
+            .sub_registry_with_prefix("etcd_broker")
+            .register_collector(Box::new(self.inner.tenants.states()));
     }
 
     /// Validates a config file's content and, if it holds, routes new calls by it;

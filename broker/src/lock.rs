@@ -30,9 +30,9 @@ use tonic::{Code, Request, Response, Status};
 use tonic_prost::ProstCodec;
 use tower::service_fn;
 
+use crate::call::{self, Admit, Caller};
 use crate::error::EtcdError;
 use crate::limits::Class;
-use crate::metrics::Call;
 use crate::outbox::{Gone, Inbox, Outbox};
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
@@ -246,7 +246,7 @@ where
 {
     let token = CancellationToken::new();
     let _cancel_on_drop = token.clone().drop_guard();
-    match tokio::spawn(work(token)).await {
+    match call::spawn(work(token)).await {
         Ok(res) => res,
         Err(e) => Err(Status::internal(format!("lock task failed: {e}"))),
     }
@@ -349,20 +349,14 @@ impl Broker {
     }
 
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<PbLockResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Write, "Lock")?;
-            let md = req.metadata().clone();
-            let r = req.into_inner();
+        let admit = Admit::Rate(Class::Write);
+        self.call(LOCK, "Lock", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let broker = self.clone();
             detached(move |cancelled| async move { broker.lock_as(&t, &md, r, cancelled).await })
                 .await
-                .map(Response::new)
-        }
-        .await;
-        self.metrics().observe(LOCK, "Lock", &call, &res);
-        res
+        })
+        .await
     }
 
     /// etcd's mutex: queue under `<name>/` by create revision, hold the lock when first.
@@ -436,46 +430,35 @@ impl Broker {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Write, "Unlock")?;
-            let md = req.metadata().clone();
-            let r = req.into_inner();
+        let admit = Admit::Rate(Class::Write);
+        self.call(LOCK, "Unlock", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let txn = PbTxnRequest {
                 success: vec![delete(&r.key)],
                 ..Default::default()
             };
             let resp = self.kv(&t, &md, txn, "Unlock").await?;
-            Ok(Response::new(UnlockResponse {
+            Ok(UnlockResponse {
                 header: resp.header,
-            }))
-        }
-        .await;
-        self.metrics().observe(LOCK, "Unlock", &call, &res);
-        res
+            })
+        })
+        .await
     }
 
     async fn campaign(
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<PbCampaignResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Write, "Campaign")?;
-            let md = req.metadata().clone();
-            let r = req.into_inner();
+        let admit = Admit::Rate(Class::Write);
+        self.call(ELECTION, "Campaign", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let broker = self.clone();
             detached(
                 move |cancelled| async move { broker.campaign_as(&t, &md, r, cancelled).await },
             )
             .await
-            .map(Response::new)
-        }
-        .await;
-        self.metrics().observe(ELECTION, "Campaign", &call, &res);
-        res
+        })
+        .await
     }
 
     /// etcd's election: a candidate key under `<name>/`; the leader is the oldest.
@@ -570,61 +553,47 @@ impl Broker {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<PbProclaimResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Write, "Proclaim")?;
-            let md = req.metadata().clone();
-            let r = req.into_inner();
+        let admit = Admit::Rate(Class::Write);
+        self.call(ELECTION, "Proclaim", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let leader = r.leader.ok_or_else(missing_leader)?;
             let header = self.proclaim_as(&t, &md, &leader, &r.value).await?;
-            Ok(Response::new(PbProclaimResponse { header }))
-        }
-        .await;
-        self.metrics().observe(ELECTION, "Proclaim", &call, &res);
-        res
+            Ok(PbProclaimResponse { header })
+        })
+        .await
     }
 
     async fn resign(
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<PbResignResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Write, "Resign")?;
-            let md = req.metadata().clone();
-            let leader = req.into_inner().leader.ok_or_else(missing_leader)?;
+        let admit = Admit::Rate(Class::Write);
+        self.call(ELECTION, "Resign", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            let leader = r.leader.ok_or_else(missing_leader)?;
             let header = self.resign_as(&t, &md, &leader).await?;
-            Ok(Response::new(PbResignResponse { header }))
-        }
-        .await;
-        self.metrics().observe(ELECTION, "Resign", &call, &res);
-        res
+            Ok(PbResignResponse { header })
+        })
+        .await
     }
 
     async fn leader(
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<PbLeaderResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Read, "Leader")?;
-            let md = req.metadata().clone();
-            let r = req.into_inner();
+        let admit = Admit::Rate(Class::Read);
+        self.call(ELECTION, "Leader", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let (header, kv) = self.current_leader(&t, &md, &r.name).await?;
             match kv {
-                Some(kv) => Ok(Response::new(PbLeaderResponse {
+                Some(kv) => Ok(PbLeaderResponse {
                     header,
                     kv: Some(kv),
-                })),
+                }),
                 None => Err(Status::unknown("election: no leader")),
             }
-        }
-        .await;
-        self.metrics().observe(ELECTION, "Leader", &call, &res);
-        res
+        })
+        .await
     }
 
     /// The oldest candidate of election `name`, if any.
@@ -647,15 +616,13 @@ impl Broker {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<Inbox<PbLeaderResponse>>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            self.rate(&t, Class::Read, "Observe")?;
-            let md = req.metadata().clone();
-            let name = req.into_inner().name;
+        let admit = Admit::Rate(Class::Read);
+        self.call(ELECTION, "Observe", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            let name = r.name;
             let (tx, rx) = self.outbox("etcd-shim: observer too slow to keep up");
             let broker = self.clone();
-            tokio::spawn(async move {
+            call::spawn(async move {
                 let end = tokio::select! {
                     end = broker.observe_as(&t, &md, &name, &tx) => end,
                     _ = tx.closed() => Ok(()),
@@ -664,11 +631,9 @@ impl Broker {
                     tx.fail(status);
                 }
             });
-            Ok(Response::new(rx))
-        }
-        .await;
-        self.metrics().observe(ELECTION, "Observe", &call, &res);
-        res
+            Ok(rx)
+        })
+        .await
     }
 
     /// etcd's `observe`: the leader, then each of its new values, then the next leader,
@@ -863,63 +828,4 @@ impl tower_service::Service<http::Request<Body>> for ElectionService {
             Ok(resp)
         })
     }
-}
-
-/// `etcdserverpb.Auth`: every method is refused once the caller is authenticated, so
-/// no request message needs decoding.
-#[derive(Clone)]
-pub struct AuthService(pub Broker);
-
-impl NamedService for AuthService {
-    const NAME: &'static str = "etcdserverpb.Auth";
-}
-
-impl tower_service::Service<http::Request<Body>> for AuthService {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<HttpResponse, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let b = self.0.clone();
-        Box::pin(async move {
-            let md = MetadataMap::from_headers(req.headers().clone());
-            let method = match req.uri().path().rsplit('/').next() {
-                Some(m) => auth_method_name(m),
-                None => "Auth",
-            };
-            let status = match b.refuse::<()>(&md, method).await {
-                Err(s) => s,
-                Ok(()) => Status::from(EtcdError::PermissionDenied),
-            };
-            Ok(status.into_http())
-        })
-    }
-}
-
-/// A static name for the audit line (labels must be `'static`).
-fn auth_method_name(m: &str) -> &'static str {
-    const NAMES: &[&str] = &[
-        "AuthEnable",
-        "AuthDisable",
-        "AuthStatus",
-        "Authenticate",
-        "UserAdd",
-        "UserGet",
-        "UserList",
-        "UserDelete",
-        "UserChangePassword",
-        "UserGrantRole",
-        "UserRevokeRole",
-        "RoleAdd",
-        "RoleGet",
-        "RoleList",
-        "RoleDelete",
-        "RoleGrantPermission",
-        "RoleRevokePermission",
-    ];
-    NAMES.iter().find(|n| **n == m).copied().unwrap_or("Auth")
 }

@@ -276,6 +276,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         replicas: args.replicas,
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
+    broker.register_metrics(&mut registry);
     if let Some(path) = &args.config {
         // A broken file at start-up is fatal: starting without its deny rules could let
         // in tenants the operator meant to keep out.

@@ -3,29 +3,33 @@
 //! one tenant read or disturb the whole cluster, so it is refused as etcd refuses a user
 //! without permission.
 
-use crate::metrics::Call;
-
 use etcd_client::proto::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::call::{Admit, Caller};
 use crate::error::EtcdError;
 use crate::limits::Class;
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
+
+const SERVICE: &str = "Maintenance";
 
 /// etcd's `AlarmRequest.AlarmAction.GET`.
 const ALARM_GET: i32 = 0;
 
 impl Broker {
     /// Authenticates, then refuses: an unauthenticated caller learns nothing more.
-    pub(crate) async fn refuse<T>(
+    pub(crate) async fn refuse<Q, A>(
         &self,
-        md: &tonic::metadata::MetadataMap,
+        service: &'static str,
         method: &'static str,
-    ) -> Result<T, Status> {
-        let t = self.tenant(md).await?;
-        Err(self.deny(Some(&t), method, EtcdError::PermissionDenied))
+        req: Request<Q>,
+    ) -> Result<Response<A>, Status> {
+        self.call(service, method, Admit::Handler, req, |c, _| async move {
+            Err(self.deny(Some(&c.t), method, EtcdError::PermissionDenied))
+        })
+        .await
     }
 }
 
@@ -35,20 +39,16 @@ impl PbMaintenanceService for Broker {
         &self,
         req: Request<PbAlarmRequest>,
     ) -> Result<Response<PbAlarmResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            if req.get_ref().action != ALARM_GET {
+        let admit = Admit::Handler;
+        self.call(SERVICE, "Alarm", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
+            if r.action != ALARM_GET {
                 return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
             }
             let _permit = self.admit(&t, Class::Read, "Alarm")?;
-            let md = req.metadata().clone();
             let mut resp: PbAlarmResponse = t
                 .upstream
-                .unary(
-                    "/etcdserverpb.Maintenance/Alarm",
-                    request_from(&md, req.into_inner()),
-                )
+                .unary("/etcdserverpb.Maintenance/Alarm", request_from(&md, r))
                 .await?
                 .into_inner();
             self.note(&resp.header);
@@ -57,29 +57,22 @@ impl PbMaintenanceService for Broker {
             for a in &mut resp.alarms {
                 a.member_id = rewrite::MEMBER_ID;
             }
-            Ok(Response::new(resp))
-        }
-        .await;
-        self.metrics().observe("Maintenance", "Alarm", &call, &res);
-        res
+            Ok(resp)
+        })
+        .await
     }
 
     async fn status(
         &self,
         req: Request<PbStatusRequest>,
     ) -> Result<Response<PbStatusResponse>, Status> {
-        let call = Call::start();
-        let res = async {
-            let t = call.tenant(self.tenant(req.metadata()).await?);
-            let _permit = self.admit(&t, Class::Read, "Status")?;
-            let md = req.metadata().clone();
+        let admit = Admit::InFlight(Class::Read);
+        self.call(SERVICE, "Status", admit, req, |c, r| async move {
+            let Caller { t, md } = c;
             let used = self.usage_for_status(&t).await?;
             let real: PbStatusResponse = t
                 .upstream
-                .unary(
-                    "/etcdserverpb.Maintenance/Status",
-                    request_from(&md, req.into_inner()),
-                )
+                .unary("/etcdserverpb.Maintenance/Status", request_from(&md, r))
                 .await?
                 .into_inner();
             self.note(&real.header);
@@ -90,7 +83,7 @@ impl PbMaintenanceService for Broker {
             // requests by it), so it is the backend's own. Sizes are the tenant's own
             // (live keys and values, see limits); the rest reveals nothing.
             let db_size = used.bytes;
-            Ok(Response::new(PbStatusResponse {
+            Ok(PbStatusResponse {
                 header,
                 version: real.version,
                 db_size,
@@ -104,29 +97,27 @@ impl PbMaintenanceService for Broker {
                 storage_version: real.storage_version,
                 db_size_quota: t.limits.bytes.map_or(0, |b| b as i64),
                 downgrade_info: None,
-            }))
-        }
-        .await;
-        self.metrics().observe("Maintenance", "Status", &call, &res);
-        res
+            })
+        })
+        .await
     }
 
     async fn defragment(
         &self,
         req: Request<PbDefragmentRequest>,
     ) -> Result<Response<PbDefragmentResponse>, Status> {
-        self.refuse(req.metadata(), "Defragment").await
+        self.refuse(SERVICE, "Defragment", req).await
     }
 
     async fn hash(&self, req: Request<PbHashRequest>) -> Result<Response<PbHashResponse>, Status> {
-        self.refuse(req.metadata(), "Hash").await
+        self.refuse(SERVICE, "Hash", req).await
     }
 
     async fn hash_kv(
         &self,
         req: Request<PbHashKvRequest>,
     ) -> Result<Response<PbHashKvResponse>, Status> {
-        self.refuse(req.metadata(), "HashKV").await
+        self.refuse(SERVICE, "HashKV", req).await
     }
 
     type SnapshotStream = ReceiverStream<Result<PbSnapshotResponse, Status>>;
@@ -135,20 +126,20 @@ impl PbMaintenanceService for Broker {
         &self,
         req: Request<PbSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.refuse(req.metadata(), "Snapshot").await
+        self.refuse(SERVICE, "Snapshot", req).await
     }
 
     async fn move_leader(
         &self,
         req: Request<PbMoveLeaderRequest>,
     ) -> Result<Response<PbMoveLeaderResponse>, Status> {
-        self.refuse(req.metadata(), "MoveLeader").await
+        self.refuse(SERVICE, "MoveLeader", req).await
     }
 
     async fn downgrade(
         &self,
         req: Request<PbDowngradeRequest>,
     ) -> Result<Response<PbDowngradeResponse>, Status> {
-        self.refuse(req.metadata(), "Downgrade").await
+        self.refuse(SERVICE, "Downgrade", req).await
     }
 }

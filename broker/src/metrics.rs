@@ -1,8 +1,8 @@
 //! The broker's Prometheus metrics (`etcd_broker_*`).
 
 use std::fmt::Write as _;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -10,10 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tonic::{Code, Status};
-
-use crate::limits::States;
-use crate::tenant::Tenant;
+use tonic::Code;
 
 /// Tenant label of a call refused before its tenant was known (no valid token, or no
 /// rule admits the service account).
@@ -49,36 +46,6 @@ pub struct MethodLabels {
 pub struct UpstreamLabels {
     pub backend: Name,
     pub method: &'static str,
-}
-
-/// One unary call being measured: when it started and, once the caller is known, its
-/// tenant.
-pub struct Call {
-    started: Instant,
-    tenant: OnceLock<Arc<Tenant>>,
-}
-
-impl Call {
-    pub fn start() -> Self {
-        Self {
-            started: Instant::now(),
-            tenant: OnceLock::new(),
-        }
-    }
-
-    /// Notes whose call this is; passes the tenant through.
-    pub fn tenant(&self, t: Arc<Tenant>) -> Arc<Tenant> {
-        let _ = self.tenant.set(t.clone());
-        t
-    }
-
-    fn label(&self) -> Name {
-        Name(
-            self.tenant
-                .get()
-                .map_or_else(|| Arc::from(NO_TENANT), |t| t.label.clone()),
-        )
-    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,8 +108,6 @@ pub struct Metrics {
     pub tls_not_after: Gauge,
     /// Calls refused by a tenant limit, by tenant label and reason.
     pub limit_rejections: Family<TenantReasonLabels, Counter>,
-    /// Per-tenant limit state; scraped for the usage and limit series.
-    pub tenant_states: Arc<States>,
     /// etcd client credential reloads by backend and outcome (`success`, `failure`).
     /// Backends are bounded by the config file, so labelling by them is safe.
     pub credential_reloads: Family<BackendOutcomeLabels, Counter>,
@@ -171,7 +136,6 @@ impl Metrics {
             tls_reloads: Family::default(),
             tls_not_after: Gauge::default(),
             limit_rejections: Family::default(),
-            tenant_states: Arc::default(),
             credential_reloads: Family::default(),
             credential_expiry: Family::default(),
         };
@@ -193,12 +157,12 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("etcd_broker");
         r.register(
             "requests",
-            "Unary etcd requests served, by tenant (named by a config rule, unlisted, or none when refused before it was known), service, method and gRPC code",
+            "etcd calls served on every service, refusals included (a stream counts once, as it opens), by tenant (named by a config rule, unlisted, or none when refused before it was known), service, method and gRPC code",
             m.requests.clone(),
         );
         r.register(
             "request_duration_seconds",
-            "Time to serve a unary etcd request, etcd included, by tenant, service and method",
+            "Time to serve an etcd call (a stream: until it is open), etcd included, by tenant, service and method",
             m.latency.clone(),
         );
         r.register(
@@ -281,7 +245,6 @@ impl Metrics {
             "Calls refused by a tenant limit, by tenant (named by a config rule, or unlisted) and reason",
             m.limit_rejections.clone(),
         );
-        r.register_collector(Box::new(m.tenant_states.clone()));
         r.register(
             "credential_reloads",
             "etcd client certificate reloads by backend and outcome; on failure the old credentials stay",
@@ -366,30 +329,15 @@ impl Metrics {
         self.denials.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// Records one finished unary call.
-    pub fn observe<T>(
+    /// Records one finished call of `tenant`.
+    pub fn observe(
         &self,
         service: &'static str,
         method: &'static str,
-        call: &Call,
-        res: &Result<T, Status>,
+        tenant: Name,
+        code: Code,
+        elapsed: Duration,
     ) {
-        let code = match res {
-            Ok(_) => Code::Ok,
-            Err(s) => s.code(),
-        };
-        let elapsed = call.started.elapsed();
-        // The request log: who called what and how it ended, never keys or values.
-        tracing::debug!(
-            target: "etcd_shim_broker::request",
-            tenant = call.tenant.get().map_or("-", |t| t.name.as_str()),
-            service,
-            method,
-            code = code_name(code),
-            micros = elapsed.as_micros() as u64,
-            "request"
-        );
-        let tenant = call.label();
         self.requests
             .get_or_create(&RequestLabels {
                 tenant: tenant.clone(),

@@ -24,7 +24,8 @@ use tonic::transport::Server;
 use tonic::transport::server::{Connected, Router};
 
 use crate::Broker;
-use crate::lock::{AuthService, ElectionService, LockService};
+use crate::authapi::AuthService;
+use crate::lock::{ElectionService, LockService};
 
 /// etcd's gRPC receive limit (1.5 MiB request + 512 KiB overhead) plus room for the
 /// tenant prefix, so that oversized requests reach etcd and clients see etcd's own

@@ -161,9 +161,9 @@ impl TenantResolver {
         })
     }
 
-    /// Keeps tenant states in `states` (shared with the metrics) from now on.
-    pub fn use_states(&mut self, states: Arc<States>) {
-        self.states = states;
+    /// Every tenant's limit state, to be scraped for the usage and limit series.
+    pub fn states(&self) -> Arc<States> {
+        self.states.clone()
     }
 
     /// Marks the backend made from flags as dedicated to etcd-shim (see `compaction`).

@@ -598,7 +598,7 @@ impl<T: Send + 'static> UpstreamStream<T> {
         U: prost::Message + Send + 'static,
         H: Send + 'static,
     {
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _hold = hold;
             loop {
                 let msg = tokio::select! {
@@ -622,7 +622,7 @@ impl<T: Send + 'static> UpstreamStream<T> {
                     }
                 }
             }
-        });
+        }));
     }
 }
 

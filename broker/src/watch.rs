@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::call::{self, Admit, Caller};
 use crate::limits::{Class, TenantState};
 use crate::outbox::{Gone, Inbox};
 use crate::upstream::request_from;
@@ -29,9 +30,9 @@ impl PbWatchService for Broker {
         &self,
         req: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let t = self.tenant(req.metadata()).await?;
-        let md = req.metadata().clone();
-        let mut downstream = req.into_inner();
+        self.call("Watch", "Watch", Admit::Handler, req, |c, downstream| async move {
+        let Caller { t, md } = c;
+        let mut downstream = downstream;
 
         let (tx, rx) = self.outbox(SLOW_WATCHER);
         let counted = Arc::new(Mutex::new(Counted {
@@ -56,7 +57,7 @@ impl PbWatchService for Broker {
         // (the broker's half of it stays open while requests can still come).
         let done = tokio_util::sync::CancellationToken::new();
         let requests_done = done.clone();
-        tokio::spawn(async move {
+        call::spawn(async move {
             loop {
                 let next = tokio::select! {
                     next = downstream.next() => next,
@@ -113,7 +114,7 @@ impl PbWatchService for Broker {
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         broker.metrics().watch_streams.inc();
-        tokio::spawn(async move {
+        call::spawn(async move {
             let _done = done.drop_guard();
             // Connected here rather than before answering the client: etcd sends its
             // response headers only once a watch is created, and a stream whose first
@@ -224,7 +225,9 @@ impl PbWatchService for Broker {
             }
             broker.metrics().watch_streams.dec();
         });
-        Ok(Response::new(rx))
+        Ok(rx)
+        })
+        .await
     }
 }
 
