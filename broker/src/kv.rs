@@ -7,6 +7,7 @@ use etcd_client::proto::{
     PbTxnRequest, PbTxnResponse,
 };
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -85,7 +86,7 @@ impl PbKvService for Broker {
                             broker.check_stripped(&t, "RangeStream", s);
                             t.lease_ids.kvs(&mut resp.kvs);
                         }
-                        chunk
+                        (Duration::ZERO, Some(chunk))
                     },
                 );
                 Ok(rx)

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use etcd_client::proto::{
     PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse,
@@ -19,6 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::call::{self, Admit, Caller};
 use crate::limits::Class;
+use crate::metrics::Open;
+use crate::upstream::UpstreamStream;
 use crate::upstream::request_from;
 use crate::{Broker, Tenant, rewrite};
 
@@ -164,59 +167,28 @@ impl PbLeaseService for Broker {
                 let broker = self.clone();
                 let shutdown = self.inner.shutdown.clone();
                 call::spawn(async move {
-                    let _done = done.drop_guard();
+                    let done = done.drop_guard();
                     let open = t
                         .upstream
                         .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(
                             "/etcdserverpb.Lease/LeaseKeepAlive",
                             request_from(&md, ReceiverStream::new(up_rx)),
                         );
-                    let mut upstream = tokio::select! {
-                        opened = open => match opened {
-                            Ok(resp) => resp.into_inner(),
-                            Err(status) => {
-                                tx.fail(status);
-                                return;
-                            }
-                        },
-                        _ = shutdown.cancelled() => {
-                            tx.fail(crate::upstream::shutting_down());
-                            return;
-                        }
-                        _ = tx.closed() => return,
+                    let Some(upstream) = UpstreamStream::open(open, &tx, &shutdown).await else {
+                        return;
                     };
-                    broker.metrics().keepalive_streams.inc();
-                    loop {
-                        let msg = tokio::select! {
-                            m = upstream.message() => m,
-                            _ = shutdown.cancelled() => {
-                                tx.fail(crate::upstream::shutting_down());
-                                break;
-                            }
-                            _ = tx.closed() => break,
-                        };
-                        match msg {
-                            Ok(Some(mut resp)) => {
-                                broker.note(&resp.header);
-                                rewrite::scrub_header(&mut resp.header);
-                                let known = sent
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .get(&resp.id)
-                                    .copied();
-                                resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
-                                if tx.send(resp).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(status) => {
-                                tx.fail(crate::upstream::clean(status));
-                                break;
-                            }
-                        }
-                    }
-                    broker.metrics().keepalive_streams.dec();
+                    let open = Open::new(&broker.metrics().keepalive_streams);
+                    upstream.relay(tx, shutdown, (done, open), move |mut resp| {
+                        broker.note(&resp.header);
+                        rewrite::scrub_header(&mut resp.header);
+                        let known = sent
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&resp.id)
+                            .copied();
+                        resp.id = known.unwrap_or_else(|| t.lease_ids.seen(resp.id));
+                        (Duration::ZERO, Some(resp))
+                    });
                 });
                 Ok(rx)
             },

@@ -34,6 +34,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::{Metrics, Name, UpstreamLabels};
+use crate::outbox::{Gone, Outbox};
 
 /// Metadata that a downstream call carries and etcd must see too: `hasleader` makes
 /// etcd refuse watches when it has no leader, `grpc-timeout` bounds the call.
@@ -584,41 +585,82 @@ impl<T> UpstreamStream<T> {
 }
 
 impl<T: Send + 'static> UpstreamStream<T> {
+    /// Opens a stream to etcd with `open`, unless the client goes away or the broker
+    /// shuts down first; `None` then, the client told why (etcd's refusal, or the
+    /// broker stopping).
+    pub async fn open<U>(
+        open: impl Future<Output = Result<Response<Self>, Status>>,
+        tx: &Outbox<U>,
+        shutdown: &CancellationToken,
+    ) -> Option<Self> {
+        tokio::select! {
+            opened = open => match opened {
+                Ok(resp) => Some(resp.into_inner()),
+                Err(status) => {
+                    tx.fail(status);
+                    None
+                }
+            },
+            _ = shutdown.cancelled() => {
+                tx.fail(shutting_down());
+                None
+            }
+            _ = tx.closed() => None,
+        }
+    }
+
     /// Relays the stream to a client through `tx` until it ends, the client goes away
-    /// or stops reading, or the broker shuts down, passing each message through `each`.
-    /// The first error ends the relay, as it ends a gRPC stream. `hold` (a concurrency
-    /// permit) lives as long as the relay.
-    pub fn relay<U, H>(
+    /// or stops reading, or the broker shuts down. Each message becomes what `each`
+    /// makes of it: the answers to send, none to drop it, and how long to wait before
+    /// sending them (pacing). The first error ends the relay, as it ends a gRPC stream.
+    /// `hold` (a concurrency permit, a gauge's count) lives as long as the relay.
+    pub fn relay<U, I, H>(
         mut self,
-        tx: crate::outbox::Outbox<U>,
+        tx: Outbox<U>,
         shutdown: CancellationToken,
         hold: H,
-        mut each: impl FnMut(T) -> U + Send + 'static,
+        mut each: impl FnMut(T) -> (Duration, I) + Send + 'static,
     ) where
         U: prost::Message + Send + 'static,
+        I: IntoIterator<Item = U> + Send,
+        I::IntoIter: Send,
         H: Send + 'static,
     {
         tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _hold = hold;
+            let stopped = || async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => tx.fail(shutting_down()),
+                    _ = tx.closed() => {}
+                }
+            };
             loop {
                 let msg = tokio::select! {
                     m = self.message() => m,
-                    _ = shutdown.cancelled() => {
-                        tx.fail(shutting_down());
-                        break;
-                    }
-                    _ = tx.closed() => break,
+                    _ = stopped() => break,
                 };
-                match msg {
-                    Ok(Some(m)) => {
-                        if tx.send(each(m)).await.is_err() {
-                            break;
-                        }
-                    }
+                let (wait, answers) = match msg {
+                    Ok(Some(m)) => each(m),
                     Ok(None) => break,
                     Err(status) => {
                         tx.fail(status);
                         break;
+                    }
+                };
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stopped() => break,
+                    }
+                }
+                for answer in answers {
+                    match tx.send(answer).await {
+                        Ok(()) => {}
+                        Err(Gone::Slow) => {
+                            tracing::warn!("client too slow to keep up, ending its stream");
+                            return;
+                        }
+                        Err(Gone::Closed) => return,
                     }
                 }
             }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use etcd_client::proto::{PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService};
 use prost::Message;
@@ -14,7 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::call::{self, Admit, Caller};
 use crate::limits::{Class, TenantState};
-use crate::outbox::{Gone, Inbox};
+use crate::metrics::Open;
+use crate::outbox::Inbox;
+use crate::upstream::UpstreamStream;
 use crate::upstream::request_from;
 use crate::{Broker, rewrite};
 
@@ -30,205 +33,170 @@ impl PbWatchService for Broker {
         &self,
         req: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.call("Watch", "Watch", Admit::Handler, req, |c, downstream| async move {
-        let Caller { t, md } = c;
-        let mut downstream = downstream;
+        self.call(
+            "Watch",
+            "Watch",
+            Admit::Handler,
+            req,
+            |c, downstream| async move {
+                let Caller { t, md } = c;
+                let mut downstream = downstream;
 
-        let (tx, rx) = self.outbox(SLOW_WATCHER);
-        let counted = Arc::new(Mutex::new(Counted {
-            state: t.state.clone(),
-            open: HashSet::new(),
-            pending: 0,
-            creates: VecDeque::new(),
-            compacted: HashSet::new(),
-        }));
+                let (tx, rx) = self.outbox(SLOW_WATCHER);
+                let counted = Arc::new(Mutex::new(Counted {
+                    state: t.state.clone(),
+                    open: HashSet::new(),
+                    pending: 0,
+                    creates: VecDeque::new(),
+                    compacted: HashSet::new(),
+                }));
 
-        // Pump client requests upstream before waiting for etcd's response headers: etcd
-        // sends none until the first watch is created.
-        let (up_tx, up_rx) = mpsc::channel::<PbWatchRequest>(16);
-        let tenant = t.clone();
-        let broker = self.clone();
-        // Weak: the stream ends when the response pump is done, not when this one is.
-        let local = tx.downgrade();
-        let pending = counted.clone();
-        let up_cancel = up_tx.downgrade();
-        let create_md = md.clone();
-        // Ends the request side with the response side, so that etcd's stream ends too
-        // (the broker's half of it stays open while requests can still come).
-        let done = tokio_util::sync::CancellationToken::new();
-        let requests_done = done.clone();
-        call::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = downstream.next() => next,
-                    _ = requests_done.cancelled() => break,
-                };
-                let Some(Ok(mut msg)) = next else { break };
-                if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union {
-                    let admitted = tenant
-                        .state
-                        .take(&tenant.limits, Class::Read)
-                        .and_then(|()| tenant.state.open_watch(&tenant.limits));
-                    if let Err(r) = admitted {
-                        // As etcd refuses one watch: created and canceled at once, with the
-                        // reason; other watches on the stream go on.
-                        let status = broker.refuse_limit(&tenant, "Watch", r);
-                        let resp = PbWatchResponse {
-                            header: broker.synthetic_header(),
-                            watch_id: -1,
-                            created: true,
-                            canceled: true,
-                            cancel_reason: status.message().to_owned(),
-                            ..Default::default()
+                // Pump client requests upstream before waiting for etcd's response headers: etcd
+                // sends none until the first watch is created.
+                let (up_tx, up_rx) = mpsc::channel::<PbWatchRequest>(16);
+                let tenant = t.clone();
+                let broker = self.clone();
+                // Weak: the stream ends when the response pump is done, not when this one is.
+                let local = tx.downgrade();
+                let pending = counted.clone();
+                let up_cancel = up_tx.downgrade();
+                let create_md = md.clone();
+                // Ends the request side with the response side, so that etcd's stream ends too
+                // (the broker's half of it stays open while requests can still come).
+                let done = tokio_util::sync::CancellationToken::new();
+                let requests_done = done.clone();
+                call::spawn(async move {
+                    loop {
+                        let next = tokio::select! {
+                            next = downstream.next() => next,
+                            _ = requests_done.cancelled() => break,
                         };
-                        match local.upgrade() {
-                            Some(tx) if tx.send(resp).await.is_ok() => continue,
-                            _ => break,
-                        }
-                    }
-                    // A watch from below the tenant's compaction is created by etcd, so
-                    // that watch ids stay etcd's own, and then cancelled as etcd cancels
-                    // one from a compacted revision.
-                    let compacted = if c.start_revision > 0 {
-                        let rev = broker
-                            .compacted_revision(&tenant, &create_md)
-                            .await
-                            .unwrap_or_else(|_| tenant.state.compacted());
-                        (c.start_revision < rev).then_some(rev)
-                    } else {
-                        None
-                    };
-                    {
-                        let mut p = lock(&pending);
-                        p.pending += 1;
-                        p.creates.push_back(compacted);
-                    }
-                    rewrite::watch_range(&tenant.prefix, &mut c.key, &mut c.range_end);
-                }
-                if up_tx.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        });
-
-        let broker = self.clone();
-        let shutdown = self.inner.shutdown.clone();
-        broker.metrics().watch_streams.inc();
-        call::spawn(async move {
-            let _done = done.drop_guard();
-            // Connected here rather than before answering the client: etcd sends its
-            // response headers only once a watch is created, and a stream whose first
-            // create the broker refused itself must still get its answer.
-            let connect = t.upstream.streaming::<_, PbWatchRequest, PbWatchResponse>(
-                "/etcdserverpb.Watch/Watch",
-                request_from(&md, ReceiverStream::new(up_rx)),
-            );
-            let mut upstream = tokio::select! {
-                r = connect => match r {
-                    Ok(r) => r.into_inner(),
-                    Err(status) => {
-                        tx.fail(status);
-                        broker.metrics().watch_streams.dec();
-                        return;
-                    }
-                },
-                _ = shutdown.cancelled() => {
-                    tx.fail(crate::upstream::shutting_down());
-                    broker.metrics().watch_streams.dec();
-                    return;
-                }
-                _ = tx.closed() => {
-                    broker.metrics().watch_streams.dec();
-                    return;
-                }
-            };
-            loop {
-                let msg = tokio::select! {
-                    m = upstream.message() => m,
-                    _ = shutdown.cancelled() => {
-                        tx.fail(crate::upstream::shutting_down());
-                        break;
-                    }
-                    _ = tx.closed() => break,
-                };
-                match msg {
-                    Ok(Some(mut resp)) => {
-                        let compacted = {
-                            let mut c = lock(&counted);
-                            if c.drops(&resp) {
-                                continue;
-                            }
-                            c.saw(&resp);
-                            c.compacted_create(&resp)
-                        };
-                        broker.note(&resp.header);
-                        rewrite::scrub_header(&mut resp.header);
-                        if let Some(rev) = compacted {
-                            let cancel = PbWatchResponse {
-                                header: resp.header,
-                                watch_id: resp.watch_id,
-                                canceled: true,
-                                compact_revision: rev,
-                                ..Default::default()
-                            };
-                            lock(&counted).saw(&cancel);
-                            let id = resp.watch_id;
-                            if tx.send(resp).await.is_err() || tx.send(cancel).await.is_err() {
-                                break;
-                            }
-                            if let Some(up) = up_cancel.upgrade() {
-                                let mut req = PbWatchRequest {
-                                    request_union: Some(PbWatchRequestUnion::CancelRequest(
-                                        Default::default(),
-                                    )),
+                        let Some(Ok(mut msg)) = next else { break };
+                        if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union
+                        {
+                            let admitted = tenant
+                                .state
+                                .take(&tenant.limits, Class::Read)
+                                .and_then(|()| tenant.state.open_watch(&tenant.limits));
+                            if let Err(r) = admitted {
+                                // As etcd refuses one watch: created and canceled at once, with the
+                                // reason; other watches on the stream go on.
+                                let status = broker.refuse_limit(&tenant, "Watch", r);
+                                let resp = PbWatchResponse {
+                                    header: broker.synthetic_header(),
+                                    watch_id: -1,
+                                    created: true,
+                                    canceled: true,
+                                    cancel_reason: status.message().to_owned(),
+                                    ..Default::default()
                                 };
-                                if let Some(PbWatchRequestUnion::CancelRequest(c)) =
-                                    &mut req.request_union
-                                {
-                                    c.watch_id = id;
+                                match local.upgrade() {
+                                    Some(tx) if tx.send(resp).await.is_ok() => continue,
+                                    _ => break,
                                 }
-                                let _ = up.send(req).await;
                             }
-                            continue;
+                            // A watch from below the tenant's compaction is created by etcd, so
+                            // that watch ids stay etcd's own, and then cancelled as etcd cancels
+                            // one from a compacted revision.
+                            let compacted = if c.start_revision > 0 {
+                                let rev = broker
+                                    .compacted_revision(&tenant, &create_md)
+                                    .await
+                                    .unwrap_or_else(|_| tenant.state.compacted());
+                                (c.start_revision < rev).then_some(rev)
+                            } else {
+                                None
+                            };
+                            {
+                                let mut p = lock(&pending);
+                                p.pending += 1;
+                                p.creates.push_back(compacted);
+                            }
+                            rewrite::watch_range(&tenant.prefix, &mut c.key, &mut c.range_end);
                         }
-                        crate::compaction::compact_events(t.state.compacted(), &mut resp.events);
-                        let s = rewrite::watch_events(&t.prefix, &mut resp.events);
-                        t.lease_ids.events(&mut resp.events);
-                        broker.check_stripped(&t, "Watch", s);
-                        let hold = t.state.pace_watch(&t.limits, resp.encoded_len());
-                        if !hold.is_zero() {
-                            tokio::select! {
-                                _ = tokio::time::sleep(hold) => {}
-                                _ = shutdown.cancelled() => {
-                                    tx.fail(crate::upstream::shutting_down());
-                                    break;
-                                }
-                                _ = tx.closed() => break,
-                            }
-                        }
-                        match tx.send(resp).await {
-                            Ok(()) => {}
-                            Err(Gone::Slow) => {
-                                tracing::warn!(tenant = %t.name, "watcher too slow, ending its stream");
-                                break;
-                            }
-                            Err(Gone::Closed) => break,
+                        if up_tx.send(msg).await.is_err() {
+                            break;
                         }
                     }
-                    Ok(None) => break,
-                    Err(status) => {
-                        // etcd's own status, byte-identical.
-                        tx.fail(crate::upstream::clean(status));
-                        break;
-                    }
-                }
-            }
-            broker.metrics().watch_streams.dec();
-        });
-        Ok(rx)
-        })
+                });
+
+                let broker = self.clone();
+                let shutdown = self.inner.shutdown.clone();
+                let open = Open::new(&self.metrics().watch_streams);
+                call::spawn(async move {
+                    let done = done.drop_guard();
+                    // Connected here rather than before answering the client: etcd sends its
+                    // response headers only once a watch is created, and a stream whose first
+                    // create the broker refused itself must still get its answer.
+                    let connect = t.upstream.streaming::<_, PbWatchRequest, PbWatchResponse>(
+                        "/etcdserverpb.Watch/Watch",
+                        request_from(&md, ReceiverStream::new(up_rx)),
+                    );
+                    let Some(upstream) = UpstreamStream::open(connect, &tx, &shutdown).await else {
+                        return;
+                    };
+                    upstream.relay(
+                        tx,
+                        shutdown,
+                        (done, open),
+                        move |mut resp: PbWatchResponse| {
+                            let compacted = {
+                                let mut c = lock(&counted);
+                                if c.drops(&resp) {
+                                    return (Duration::ZERO, answers([None, None]));
+                                }
+                                c.saw(&resp);
+                                c.compacted_create(&resp)
+                            };
+                            broker.note(&resp.header);
+                            rewrite::scrub_header(&mut resp.header);
+                            if let Some(rev) = compacted {
+                                let cancel = PbWatchResponse {
+                                    header: resp.header,
+                                    watch_id: resp.watch_id,
+                                    canceled: true,
+                                    compact_revision: rev,
+                                    ..Default::default()
+                                };
+                                lock(&counted).saw(&cancel);
+                                if let Some(up) = up_cancel.upgrade() {
+                                    let mut req = PbWatchRequest {
+                                        request_union: Some(PbWatchRequestUnion::CancelRequest(
+                                            Default::default(),
+                                        )),
+                                    };
+                                    if let Some(PbWatchRequestUnion::CancelRequest(c)) =
+                                        &mut req.request_union
+                                    {
+                                        c.watch_id = resp.watch_id;
+                                    }
+                                    // Off the relay, which must not wait for etcd to take requests.
+                                    tokio::spawn(async move { up.send(req).await });
+                                }
+                                return (Duration::ZERO, answers([Some(resp), Some(cancel)]));
+                            }
+                            crate::compaction::compact_events(
+                                t.state.compacted(),
+                                &mut resp.events,
+                            );
+                            let s = rewrite::watch_events(&t.prefix, &mut resp.events);
+                            t.lease_ids.events(&mut resp.events);
+                            broker.check_stripped(&t, "Watch", s);
+                            let pace = t.state.pace_watch(&t.limits, resp.encoded_len());
+                            (pace, answers([Some(resp), None]))
+                        },
+                    );
+                });
+                Ok(rx)
+            },
+        )
         .await
     }
+}
+
+/// What one message from etcd becomes: up to two answers to the client.
+fn answers(a: [Option<PbWatchResponse>; 2]) -> impl Iterator<Item = PbWatchResponse> + Send {
+    a.into_iter().flatten()
 }
 
 /// The watches of one stream, counted against the tenant's cap until they end.
