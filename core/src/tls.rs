@@ -50,7 +50,7 @@ pub enum Error {
     #[error("private key {} does not match certificate {}", key.display(), cert.display())]
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("{}: cannot read the certificate's validity: {reason}", path.display())]
-    Validity { path: PathBuf, reason: &'static str },
+    Validity { path: PathBuf, reason: String },
     #[error("{}: certificate expired at {}", path.display(), format_unix(*not_after))]
     Expired { path: PathBuf, not_after: i64 },
     #[error("{}: client CA bundle: {reason}", path.display())]
@@ -869,126 +869,23 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The notAfter of a DER certificate, as unix seconds. Only the few fields in front of
-/// `validity` are walked; signature checks are the peer's business.
-fn cert_not_after(der: &[u8]) -> Result<i64, &'static str> {
-    const SEQUENCE: u8 = 0x30;
-    const VERSION: u8 = 0xa0;
-    let (tag, cert, _) = der_element(der).ok_or("truncated certificate")?;
-    if tag != SEQUENCE {
-        return Err("certificate is not a DER sequence");
-    }
-    let (tag, tbs, _) = der_element(cert).ok_or("truncated tbsCertificate")?;
-    if tag != SEQUENCE {
-        return Err("tbsCertificate is not a DER sequence");
-    }
-    let mut fields = tbs;
-    let mut next = || {
-        let (tag, contents, rest) = der_element(fields).ok_or("truncated tbsCertificate")?;
-        fields = rest;
-        Ok::<_, &'static str>((tag, contents))
-    };
-    // version [0] is optional; serialNumber follows it.
-    if next()?.0 == VERSION {
-        next()?;
-    }
-    next()?; // signature AlgorithmIdentifier
-    next()?; // issuer
-    let (tag, validity) = next()?;
-    if tag != SEQUENCE {
-        return Err("validity is not a DER sequence");
-    }
-    let (_, _, rest) = der_element(validity).ok_or("truncated notBefore")?;
-    let (tag, time, _) = der_element(rest).ok_or("truncated notAfter")?;
-    parse_asn1_time(tag, time)
-}
-
-/// Splits one DER element into tag, contents and the bytes after it.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn parse_asn1_time(tag: u8, text: &[u8]) -> Result<i64, &'static str> {
-    const UTC_TIME: u8 = 0x17;
-    const GENERALIZED_TIME: u8 = 0x18;
-    let digits = |s: &[u8]| -> Result<i64, &'static str> {
-        s.iter().try_fold(0i64, |acc, &b| {
-            if b.is_ascii_digit() {
-                Ok(acc * 10 + i64::from(b - b'0'))
-            } else {
-                Err("malformed certificate time")
-            }
-        })
-    };
-    let (year, rest) = match (tag, text.len()) {
-        (UTC_TIME, 13) => {
-            let yy = digits(&text[..2])?;
-            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
-        }
-        (GENERALIZED_TIME, 15) => (digits(&text[..4])?, &text[4..]),
-        _ => return Err("unsupported certificate time format"),
-    };
-    if rest[10] != b'Z' {
-        return Err("certificate time is not UTC");
-    }
-    let (month, day) = (digits(&rest[0..2])?, digits(&rest[2..4])?);
-    let (hour, min, sec) = (
-        digits(&rest[4..6])?,
-        digits(&rest[6..8])?,
-        digits(&rest[8..10])?,
-    );
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return Err("certificate time out of range");
-    }
-    Ok(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// The notAfter of a DER certificate, as unix seconds. Signature checks are the peer's
+/// business.
+fn cert_not_after(der: &[u8]) -> Result<i64, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for log lines and error messages.
 pub fn format_unix(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Inverse of days_from_civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} (unix seconds)"))
 }
 
 #[cfg(test)]
@@ -1104,12 +1001,19 @@ mod tests {
     }
 
     #[test]
-    fn asn1_times_convert_to_unix_seconds() {
-        assert_eq!(parse_asn1_time(0x17, b"700101000000Z"), Ok(0));
-        assert_eq!(parse_asn1_time(0x17, b"491231235959Z"), Ok(2_524_607_999));
-        assert_eq!(parse_asn1_time(0x18, b"20000301000000Z"), Ok(951_868_800));
-        assert!(parse_asn1_time(0x18, b"20001301000000Z").is_err());
-        assert!(parse_asn1_time(0x17, b"700101000000+0100").is_err());
+    fn not_after_reads_both_certificate_time_forms() {
+        let ca = TestCa::new();
+        // Until 2049 a certificate's times are UTCTime, from 2050 GeneralizedTime.
+        for (date, unix) in [
+            ((2049, 12, 31), 2_524_521_600),
+            ((2050, 1, 1), 2_524_608_000),
+        ] {
+            let (pem, _, _) = ca.leaf(date);
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            assert_eq!(cert_not_after(&der), Ok(unix), "{date:?}");
+        }
+        let err = cert_not_after(b"\x30\x03\x02\x01").unwrap_err();
+        assert!(err.starts_with("not a valid X.509 certificate"), "{err}");
         assert_eq!(format_unix(951_868_800), "2000-03-01T00:00:00Z");
         assert_eq!(format_unix(-1), "1969-12-31T23:59:59Z");
     }
