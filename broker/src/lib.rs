@@ -2,6 +2,7 @@
 //! prefix on every etcd API, and forwards to etcd. It alone holds the etcd credentials.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod jwt;
@@ -27,6 +28,7 @@ pub mod quota;
 mod tenant;
 mod watch;
 
+pub use cli::{Args, Listeners, run};
 pub use server::{BrokerConfig, serve, serve_tls};
 pub use tenant::Tenant;
 
