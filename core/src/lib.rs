@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod dirwatch;
+pub mod follow;
 pub mod logging;
 pub mod shutdown;
 pub mod tls;
