@@ -715,8 +715,8 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "one").unwrap();
         let (tx, mut events) = mpsc::channel(1);
-        let _watcher =
-            DirWatcher::new(&[path.clone()], tx).expect("a temporary directory is watchable");
+        let _watcher = DirWatcher::new(std::slice::from_ref(&path), tx)
+            .expect("a temporary directory is watchable");
 
         // What the follower does on every wake-up: read the file (open, read, close).
         for _ in 0..20 {
@@ -740,8 +740,8 @@ mod tests {
         let dir = root.path().join("mount");
         let path = dir.join("f");
         let (tx, mut events) = mpsc::channel(1);
-        let mut watcher = DirWatcher::new(&[path.clone()], tx).unwrap();
-        assert_eq!(watcher.pending, [dir.clone()]);
+        let mut watcher = DirWatcher::new(std::slice::from_ref(&path), tx).unwrap();
+        assert_eq!(watcher.pending, std::slice::from_ref(&dir));
         std::fs::create_dir(&dir).unwrap();
         watcher.rearm();
         assert!(watcher.pending.is_empty());
