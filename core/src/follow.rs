@@ -104,7 +104,7 @@ where
             paths: paths.into_iter().map(Into::into).collect(),
             parse: Box::new(parse),
             every: Duration::from_secs(60),
-            debounce: Duration::from_millis(50),
+            debounce: Duration::from_millis(20),
             watch: true,
             refusal: (
                 Level::WARN,
