@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Authenticator, StaticTokens};
-use crate::config::{self, ConfigFile};
+use crate::config;
 use crate::jwt::{self, Jwks, JwtVerifier};
 use crate::leaseid::LeaseSecrets;
 use crate::metrics::Metrics;
@@ -286,28 +286,29 @@ pub async fn run(args: Args, listeners: Listeners, shutdown: Shutdown) -> anyhow
     };
     let broker = Broker::new(&cfg, auth, upstream, metrics, shutdown.token())?;
     broker.register_metrics(&mut registry);
-    if let Some(path) = &args.config {
-        // A broken file at start-up is fatal: starting without its deny rules could let
-        // in tenants the operator meant to keep out.
-        let initial = std::fs::read(path)
-            .with_context(|| format!("reading broker config {}", path.display()))?;
-        let file = ConfigFile::parse(&String::from_utf8_lossy(&initial))
-            .and_then(|f| broker.apply_config(&f).map(|()| f))
+    // The file is followed for as long as this receiver is held.
+    let _config = match &args.config {
+        Some(path) => {
+            // A broken file at start-up is fatal: starting without its deny rules could let
+            // in tenants the operator meant to keep out.
+            let followed = config::follow(
+                broker.clone(),
+                path.clone(),
+                args.reload_interval,
+                shutdown.token(),
+            )
             .with_context(|| format!("broker config {}", path.display()))?;
-        tracing::info!(
-            path = %path.display(),
-            backends = file.backends.len(),
-            rules = file.tenants.len(),
-            "broker config loaded"
-        );
-        config::follow(
-            broker.clone(),
-            path.clone(),
-            args.reload_interval,
-            Some(initial),
-            shutdown.token(),
-        );
-    }
+            let file = followed.borrow().clone();
+            tracing::info!(
+                path = %path.display(),
+                backends = file.backends.len(),
+                rules = file.tenants.len(),
+                "broker config loaded"
+            );
+            Some(followed)
+        }
+        None => None,
+    };
 
     let readiness = Readiness::new();
     readiness.register("etcd");
@@ -416,21 +417,17 @@ async fn authenticator(
             let issuer = args.issuer.as_deref().context("--issuer")?;
             let verifier = match &args.jwks_file {
                 Some(path) => {
-                    let initial = std::fs::read(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    let keys = Jwks::parse(&initial)
-                        .with_context(|| format!("issuer keys {}", path.display()))?;
                     let v = Arc::new(
-                        JwtVerifier::new(issuer, &args.token_audience, keys)
+                        JwtVerifier::new(issuer, &args.token_audience, Jwks::default())
                             .with_metrics(metrics.clone()),
                     );
                     v.follow_file(
                         path.clone(),
                         args.reload_interval,
-                        initial,
                         metrics.clone(),
                         shutdown.token(),
-                    );
+                    )
+                    .with_context(|| format!("issuer keys {}", path.display()))?;
                     v
                 }
                 None => {

@@ -9,11 +9,12 @@
 //! has archived): same data model and API, still receiving fixes.
 
 use std::path::{Path, PathBuf};
-#[cfg(test)]
 use std::sync::Arc;
 use std::time::Duration;
 
+use etcd_shim_core::follow::{Follow, Outcome, ReadError, StartError};
 use serde::Deserialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
@@ -721,39 +722,58 @@ pub fn apply_file(broker: &Broker, path: &Path) -> Result<(), ConfigError> {
     broker.apply_config(&file)
 }
 
-/// Re-applies the file at `path` whenever it changes (directory watch plus a re-read
-/// every `every`) until `stop`. A refused file leaves the running config as it was, with
-/// an error log line and `etcd_broker_config_reloads_total{outcome="failure"}`.
+/// Applies the file at `path` to `broker` now, failing if it is refused (start-up must not
+/// go on without its deny rules), then re-applies it whenever it changes (directory watch
+/// plus a re-read every `every`) until `stop` or until the returned receiver is dropped.
+/// Applying is the validation: the broker refuses a file without changing anything, so a
+/// refused file leaves the running config as it was, with an error log line and
+/// `etcd_broker_config_reloads_total{outcome="failure"}`.
 pub fn follow(
     broker: Broker,
     path: PathBuf,
     every: Duration,
-    initial: Option<Vec<u8>>,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> Result<watch::Receiver<Arc<ConfigFile>>, ConfigError> {
     let shown = path.display().to_string();
-    crate::reload::spawn(path, every, initial, stop, move |content| {
-        let res = match content {
-            Ok(bytes) => match std::str::from_utf8(&bytes) {
-                Ok(text) => ConfigFile::parse(text).and_then(|f| broker.apply_config(&f)),
-                Err(e) => Err(ConfigError::Syntax(e.to_string())),
-            },
-            Err(e) => Err(ConfigError::Read {
-                path: shown.clone(),
-                error: e.to_string(),
-            }),
-        };
-        match res {
-            Ok(()) => {
+    let metrics = broker.metrics().clone();
+    let apply = move |contents: &[Vec<u8>]| {
+        let text =
+            std::str::from_utf8(&contents[0]).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let file = ConfigFile::parse(text)?;
+        broker.apply_config(&file)?;
+        Ok(file)
+    };
+    let on_outcome = {
+        let shown = shown.clone();
+        move |outcome: Outcome<'_, ConfigFile, ConfigError>| match outcome {
+            Outcome::Published(_) => {
                 tracing::info!(path = %shown, "broker config reloaded");
-                broker.metrics().reloaded(Reloaded::Config, true);
+                metrics.reloaded(Reloaded::Config, true);
             }
-            Err(e) => {
-                tracing::error!(path = %shown, error = %e, "broker config refused; keeping the previous config");
-                broker.metrics().reloaded(Reloaded::Config, false);
+            Outcome::Rejected(_) | Outcome::Unreadable(_) => {
+                metrics.reloaded(Reloaded::Config, false);
             }
+            Outcome::Unchanged => {}
         }
-    })
+    };
+    Follow::new([&path], apply)
+        .every(every)
+        .refusal(
+            tracing::Level::ERROR,
+            "broker config refused; keeping the previous config",
+        )
+        .on_outcome(on_outcome)
+        .start(stop)
+        .map_err(|e| match e {
+            StartError::Parse(e) => e,
+            StartError::Read(e) => ConfigError::Read {
+                path: shown,
+                error: match e {
+                    ReadError::Io { error, .. } => error.to_string(),
+                    e => e.to_string(),
+                },
+            },
+        })
 }
 
 #[cfg(test)]
@@ -1173,16 +1193,15 @@ tenants:
             CancellationToken::new(),
         )
         .unwrap();
-        apply_file(&broker, &path).unwrap();
         let stop = CancellationToken::new();
         // A long period: the directory watch must notice the writes.
-        let _task = follow(
+        let _config = follow(
             broker.clone(),
             path.clone(),
             Duration::from_secs(3600),
-            Some(first.as_bytes().to_vec()),
             stop.clone(),
-        );
+        )
+        .unwrap();
         let backend = |who: &str| {
             broker
                 .resolve(&Identity::parse(who).unwrap())

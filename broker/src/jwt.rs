@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use etcd_shim_core::follow::{Follow, Outcome, StartError};
 use futures_util::future::BoxFuture;
 use ring::signature;
 use serde::Deserialize;
@@ -271,7 +272,11 @@ impl JwtVerifier {
     }
 
     pub fn set_keys(&self, keys: Jwks) {
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.put_keys(Arc::new(keys));
+    }
+
+    fn put_keys(&self, keys: Arc<Jwks>) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
     fn keys(&self) -> Arc<Jwks> {
@@ -326,34 +331,44 @@ impl JwtVerifier {
         service_account(&claims.sub).ok_or(JwtError::Subject)
     }
 
-    /// Keeps the key set in step with `path` until `stop`. A file that does not parse is
-    /// refused with a log line and a metric; the previous keys stay in use.
+    /// Loads the key set from `path` now, failing if the file is unusable, then keeps it
+    /// in step with the file until `stop`. A file that does not parse is refused with a
+    /// log line and a metric; the previous keys stay in use.
     pub fn follow_file(
         self: &Arc<Self>,
         path: PathBuf,
         every: Duration,
-        initial: Vec<u8>,
         metrics: Metrics,
         stop: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
+    ) -> Result<tokio::task::JoinHandle<()>, StartError<JwksError>> {
         let shown = path.display().to_string();
-        crate::reload::spawn(path, every, Some(initial), stop, move |content| {
-            let res = content
-                .map_err(|e| e.to_string())
-                .and_then(|b| Jwks::parse(&b).map_err(|e| e.to_string()));
-            match res {
-                Ok(keys) => {
-                    tracing::info!(path = %shown, keys = keys.len(), "issuer keys reloaded");
-                    me.set_keys(keys);
-                    metrics.reloaded(Reloaded::Jwks, true);
-                }
-                Err(e) => {
-                    tracing::error!(path = %shown, error = %e, "issuer keys not reloaded; keeping the previous keys");
-                    metrics.reloaded(Reloaded::Jwks, false);
-                }
+        let on_outcome = move |outcome: Outcome<'_, Jwks, JwksError>| match outcome {
+            Outcome::Published(keys) => {
+                tracing::info!(path = %shown, keys = keys.len(), "issuer keys reloaded");
+                metrics.reloaded(Reloaded::Jwks, true);
             }
-        })
+            Outcome::Rejected(_) | Outcome::Unreadable(_) => {
+                metrics.reloaded(Reloaded::Jwks, false);
+            }
+            Outcome::Unchanged => {}
+        };
+        let mut keys = Follow::new([path], |contents: &[Vec<u8>]| Jwks::parse(&contents[0]))
+            .every(every)
+            .refusal(
+                tracing::Level::ERROR,
+                "issuer keys not reloaded; keeping the previous keys",
+            )
+            .on_outcome(on_outcome)
+            .start(stop)?;
+        self.put_keys(keys.borrow_and_update().clone());
+        let me = self.clone();
+        // Ends when following does, at `stop`.
+        Ok(tokio::spawn(async move {
+            while keys.changed().await.is_ok() {
+                let next = keys.borrow_and_update().clone();
+                me.put_keys(next);
+            }
+        }))
     }
 
     /// Keeps the key set in step with the API server's `/openid/v1/jwks` until `stop`.
@@ -669,13 +684,14 @@ mod tests {
         let v = Arc::new(JwtVerifier::new(ISS, AUD, Jwks::parse(&first).unwrap()));
         let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
         let stop = CancellationToken::new();
-        let _task = v.follow_file(
-            path.clone(),
-            Duration::from_millis(20),
-            first,
-            metrics.clone(),
-            stop.clone(),
-        );
+        let _task = v
+            .follow_file(
+                path.clone(),
+                Duration::from_millis(20),
+                metrics.clone(),
+                stop.clone(),
+            )
+            .unwrap();
         assert!(v.verify(&old.sign(&claims()), SystemTime::now()).is_ok());
 
         // A broken file is refused and the old keys stay.

@@ -8,7 +8,6 @@ pub mod error;
 pub mod jwt;
 pub mod leaseid;
 pub mod metrics;
-pub mod reload;
 pub mod rewrite;
 pub mod server;
 pub mod tokenreview;

@@ -2,7 +2,7 @@
 //! signal, and the admin HTTP server that exposes `/metrics`, `/live` and `/ready`.
 
 pub mod admin;
-pub mod dirwatch;
+pub mod follow;
 pub mod logging;
 pub mod shutdown;
 pub mod tls;

@@ -6,14 +6,11 @@
 //! `tokio::sync::watch` channel: every new connection takes the latest one, and material
 //! that fails validation never replaces material that works.
 //!
-//! Kubernetes Secret volumes update by swapping a `..data` symlink inside the mount
-//! directory, so the files' directories are watched (not the files, whose inodes never
-//! change), events are debounced, and a periodic re-check covers file systems that send no
-//! events at all.
+//! The files are followed as [`crate::follow`] follows every file that changes (Secret
+//! volumes swap a `..data` symlink; their directories are watched, events are debounced,
+//! and a periodic re-check covers file systems that send no events at all).
 
-use std::collections::BTreeSet;
 use std::fmt;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -25,9 +22,11 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::follow::{self, Follow, Outcome, ReadError, StartError};
 
 /// Why TLS material could not be loaded. Messages name the file so an operator can act,
 /// and include the underlying error (no `source` chain, so it is printed once).
@@ -163,7 +162,7 @@ impl ServerTls {
 
 /// Reads and validates the files once.
 pub fn load(files: &ServerTlsFiles) -> Result<ServerTls> {
-    build(files, &read_stable(files)?, unix_now())
+    build(files, &read(files)?, unix_now())
 }
 
 /// A set of files that are read together and validated into one piece of material.
@@ -196,45 +195,40 @@ struct RawFiles {
 }
 
 impl RawFiles {
-    /// Identifies the contents without keeping another copy of the private key around.
-    fn fingerprint(&self) -> u64 {
-        let mut h = DefaultHasher::new();
-        self.cert.hash(&mut h);
-        self.key.hash(&mut h);
-        self.ca.hash(&mut h);
-        h.finish()
+    /// Puts the contents of the configured files, in the order of [`Files::paths`], back
+    /// in their places.
+    fn new(files: &impl Files, contents: &[Vec<u8>]) -> Self {
+        let mut contents = contents.iter();
+        let [cert, key, ca] = files
+            .paths()
+            .map(|p| p.and_then(|_| contents.next().cloned()));
+        Self { cert, key, ca }
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|error| Error::Read {
-        path: path.to_owned(),
-        error,
-    })
+/// The configured files, in the order of [`Files::paths`].
+fn configured(files: &impl Files) -> Vec<PathBuf> {
+    files
+        .paths()
+        .into_iter()
+        .flatten()
+        .map(Path::to_path_buf)
+        .collect()
 }
 
-fn read_once(files: &impl Files) -> Result<RawFiles> {
-    let [cert, key, ca] = files.paths();
-    Ok(RawFiles {
-        cert: cert.map(read_file).transpose()?,
-        key: key.map(read_file).transpose()?,
-        ca: ca.map(read_file).transpose()?,
-    })
+/// Reads the configured files once, consistently (see [`follow::read_together`]).
+fn read(files: &impl Files) -> Result<RawFiles> {
+    let contents = follow::read_together(&configured(files))?;
+    Ok(RawFiles::new(files, &contents))
 }
 
-/// Reads until two passes agree. Certificate and key are separate files, so a read that
-/// straddles an update could pair an old certificate with a new key; the symlink swap is
-/// atomic, so two identical passes mean one consistent version.
-fn read_stable(files: &impl Files) -> Result<RawFiles> {
-    let mut previous = read_once(files)?;
-    for _ in 0..5 {
-        let current = read_once(files)?;
-        if current.fingerprint() == previous.fingerprint() {
-            return Ok(current);
+impl From<ReadError> for Error {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io { path, error } => Error::Read { path, error },
+            ReadError::Unstable => Error::Unstable,
         }
-        previous = current;
     }
-    Err(Error::Unstable)
 }
 
 fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
@@ -576,7 +570,7 @@ impl ClientTls {
 
 /// Reads and validates client material once.
 pub fn load_client(files: &ClientTlsFiles) -> Result<ClientTls> {
-    build_client(files, &read_stable(files)?, unix_now())
+    build_client(files, &read(files)?, unix_now())
 }
 
 /// Validates client material: every file parses, the certificate has not expired, the key
@@ -662,203 +656,90 @@ impl Source<ClientTls> {
 /// The receiving end of a reloader: the material in force, and the reload counts.
 type Published<M> = (watch::Receiver<Arc<M>>, Arc<ReloadStats>);
 
-/// Loads `files` now (failing if they are not usable) and spawns the task that keeps them
-/// current until `stop` is cancelled or every receiver is dropped.
+/// Loads `files` now (failing if they are not usable) and follows them until `stop` is
+/// cancelled or every receiver is dropped.
 fn start_reloader<F: Files>(
     files: F,
     options: ReloadOptions,
     stop: CancellationToken,
 ) -> Result<Published<F::Material>> {
-    // Watch before the first read, so a change landing right after it still wakes the
-    // reloader.
-    let (event_tx, events) = mpsc::channel::<()>(1);
-    let watcher = if options.watch_files {
-        watch_dirs(&files, event_tx)
-    } else {
-        None
-    };
-    let raw = read_stable(&files)?;
-    let material = files.build(&raw, unix_now())?;
-    let not_after = F::not_after(&material);
     let stats = Arc::new(ReloadStats::default());
+    let shown = files.shown();
+    let parse = {
+        let files = files.clone();
+        move |contents: &[Vec<u8>]| files.build(&RawFiles::new(&files, contents), unix_now())
+    };
+    let on_outcome = {
+        let stats = stats.clone();
+        let shown = shown.clone();
+        move |outcome: Outcome<'_, F::Material, Error>| {
+            let outcome = match outcome {
+                Outcome::Published(material) => {
+                    let not_after = F::not_after(material);
+                    stats.not_after.store(not_after, Ordering::Relaxed);
+                    stats.ok.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        cert = %shown.display(),
+                        not_after = %format_unix(not_after),
+                        "new {} in force",
+                        F::WHAT
+                    );
+                    ReloadOutcome::Reloaded { not_after }
+                }
+                Outcome::Rejected(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    ReloadOutcome::Rejected {
+                        error: e.to_string(),
+                    }
+                }
+                // Missing files are normal for a moment during some update schemes; the
+                // next event or re-check tries again, and the old material stays.
+                Outcome::Unreadable(_) => return,
+                Outcome::Unchanged => return warn_if_expired::<F>(&stats, &shown),
+            };
+            if let Some(hook) = &options.on_reload {
+                hook(&outcome);
+            }
+        }
+    };
+    let current = Follow::new(configured(&files), parse)
+        .every(options.recheck_every)
+        .debounce(options.debounce)
+        .watch(options.watch_files)
+        .refusal(
+            tracing::Level::ERROR,
+            format!(
+                "rejected new TLS material; the previous {} stays in force",
+                F::WHAT
+            ),
+        )
+        .on_outcome(on_outcome)
+        .start(stop)
+        .map_err(|e| match e {
+            StartError::Read(e) => e.into(),
+            StartError::Parse(e) => e,
+        })?;
+    let not_after = F::not_after(&current.borrow());
     stats.not_after.store(not_after, Ordering::Relaxed);
     tracing::info!(
-        cert = %files.shown().display(),
+        cert = %shown.display(),
         not_after = %format_unix(not_after),
         "{} loaded",
         F::WHAT
     );
-    let (tx, rx) = watch::channel(Arc::new(material));
-    let reloader = Reloader {
-        files,
-        options,
-        tx,
-        stats: stats.clone(),
-        last_seen: raw.fingerprint(),
-    };
-    tokio::spawn(reloader.run(events, watcher, stop));
-    Ok((rx, stats))
+    Ok((current, stats))
 }
 
-/// Background task state.
-struct Reloader<F: Files> {
-    files: F,
-    options: ReloadOptions,
-    /// Publishes validated material; its receivers are the sources handed out.
-    tx: watch::Sender<Arc<F::Material>>,
-    stats: Arc<ReloadStats>,
-    /// Fingerprint of the last contents tried, good or bad, so unchanged files are neither
-    /// reloaded nor reported again on every periodic re-check.
-    last_seen: u64,
-}
-
-impl<F: Files> Reloader<F> {
-    async fn run(
-        mut self,
-        mut events: mpsc::Receiver<()>,
-        // Kept alive for as long as the task runs; dropping it stops the watch.
-        _watcher: Option<notify::RecommendedWatcher>,
-        stop: CancellationToken,
-    ) {
-        let mut recheck = tokio::time::interval(self.options.recheck_every);
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick fires immediately; the files were just read.
-        recheck.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.tx.closed() => return,
-                Some(()) = events.recv() => {
-                    // One Secret update is several events: let them all land, then read
-                    // once. A fixed wait (not "until quiet") stays bounded even when
-                    // something else in the directory changes all the time.
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(self.options.debounce) => {}
-                    }
-                    while events.try_recv().is_ok() {}
-                }
-                _ = recheck.tick() => self.warn_if_expired(),
-            }
-            self.reload().await;
-        }
-    }
-
-    async fn reload(&mut self) {
-        let files = self.files.clone();
-        let raw = match tokio::task::spawn_blocking(move || read_stable(&files)).await {
-            Ok(Ok(raw)) => raw,
-            Ok(Err(e)) => {
-                // Missing files are normal for a moment during some update schemes; the
-                // next event or re-check tries again, and the old material stays.
-                tracing::warn!(error = %e, "cannot read TLS material; keeping the current {}", F::WHAT);
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS reload task failed");
-                return;
-            }
-        };
-        let fingerprint = raw.fingerprint();
-        if fingerprint == self.last_seen {
-            tracing::debug!(cert = %self.files.shown().display(), "TLS files unchanged");
-            return;
-        }
-        self.last_seen = fingerprint;
-        let outcome = match self.files.build(&raw, unix_now()) {
-            Ok(material) => {
-                let not_after = F::not_after(&material);
-                self.stats.not_after.store(not_after, Ordering::Relaxed);
-                self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                self.tx.send_replace(Arc::new(material));
-                tracing::info!(
-                    cert = %self.files.shown().display(),
-                    not_after = %format_unix(not_after),
-                    "new {} in force",
-                    F::WHAT
-                );
-                ReloadOutcome::Reloaded { not_after }
-            }
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    error = %e,
-                    "rejected new TLS material; the previous {} stays in force",
-                    F::WHAT
-                );
-                ReloadOutcome::Rejected {
-                    error: e.to_string(),
-                }
-            }
-        };
-        if let Some(hook) = &self.options.on_reload {
-            hook(&outcome);
-        }
-    }
-
-    fn warn_if_expired(&self) {
-        let not_after = self.stats.not_after_unix();
-        if not_after <= unix_now() {
-            tracing::error!(
-                cert = %self.files.shown().display(),
-                not_after = %format_unix(not_after),
-                "the {} in force has expired and no valid replacement was found",
-                F::WHAT
-            );
-        }
-    }
-}
-
-/// Watches the directories holding the files (and, for symlinked paths, the directories
-/// they resolve to). Returns `None` when watching is impossible; the periodic re-check
-/// still picks up changes then.
-fn watch_dirs(files: &impl Files, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-
-    let handler = move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| crate::dirwatch::is_change(&e)) {
-            // A full channel already holds a pending wake-up, which is all that matters.
-            let _ = events.try_send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch TLS files; relying on periodic re-checks");
-            return None;
-        }
-    };
-    let mut dirs = BTreeSet::new();
-    for path in files.paths().into_iter().flatten() {
-        let Some(parent) = parent_dir(path) else {
-            continue;
-        };
-        // A path that resolves into another directory (a symlink to a file elsewhere) may
-        // change there, so that directory is watched too. A Secret volume's targets live
-        // in versioned subdirectories of the mount, which come and go; the mount itself
-        // already sees the `..data` swap.
-        if let (Ok(resolved), Ok(real_parent)) =
-            (std::fs::canonicalize(path), std::fs::canonicalize(&parent))
-            && let Some(target_dir) = parent_dir(&resolved)
-            && !target_dir.starts_with(&real_parent)
-        {
-            dirs.insert(target_dir);
-        }
-        dirs.insert(parent);
-    }
-    for dir in dirs {
-        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; relying on periodic re-checks");
-        }
-    }
-    Some(watcher)
-}
-
-fn parent_dir(path: &Path) -> Option<PathBuf> {
-    match path.parent() {
-        Some(p) if p.as_os_str().is_empty() => Some(PathBuf::from(".")),
-        Some(p) => Some(p.to_owned()),
-        None => None,
+/// Says so, at every re-check, while the material in force has expired.
+fn warn_if_expired<F: Files>(stats: &ReloadStats, shown: &Path) {
+    let not_after = stats.not_after_unix();
+    if not_after <= unix_now() {
+        tracing::error!(
+            cert = %shown.display(),
+            not_after = %format_unix(not_after),
+            "the {} in force has expired and no valid replacement was found",
+            F::WHAT
+        );
     }
 }
 

@@ -1,11 +1,11 @@
 //! Dialing the broker: resolve every `--broker` URL, try the addresses in the
 //! [`Selector`]'s order with a short timeout each, and, for `https://`, verify the broker's
-//! certificate against the CA bundle file (re-read on every dial, so a rotated bundle
+//! certificate against the CA bundle file (followed as it changes, so a rotated bundle
 //! applies to the next connection). Plugged into hyper's client as its connector, so the
 //! client keeps one HTTP/2 connection and dials again only when that one is gone.
 
 use std::future::Future;
-use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use etcd_shim_core::follow::{Follow, Outcome, ReadError, StartError};
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
@@ -22,8 +23,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{Candidate, Endpoints, Selector};
 
@@ -43,74 +46,59 @@ pub enum TrustError {
 /// from PEM text given on the command line.
 #[derive(Debug)]
 pub struct Trust {
-    /// `None` for a bundle given as text, which never changes.
-    path: Option<PathBuf>,
-    /// The last good configuration and a fingerprint of the file it came from.
-    current: Mutex<(u64, Arc<ClientConfig>)>,
+    /// The last good configuration; for a file, kept current while the `Trust` lives.
+    current: watch::Receiver<Arc<ClientConfig>>,
 }
 
 impl Trust {
     /// Reads the bundle now; a missing or broken file is an error (startup refuses it).
+    /// Then follows the file until the `Trust` is dropped: a broken replacement keeps the
+    /// last good bundle. Must be called within a Tokio runtime.
     pub fn load(path: &Path) -> Result<Self, TrustError> {
-        let pem = read(path)?;
-        let config = client_config(path, &pem)?;
-        Ok(Self {
-            path: Some(path.to_owned()),
-            current: Mutex::new((fingerprint(&pem), config)),
-        })
+        let shown = path.to_owned();
+        let parse = move |contents: &[Vec<u8>]| client_config(&shown, &contents[0]);
+        let on_outcome = {
+            let path = path.to_owned();
+            move |outcome: Outcome<'_, ClientConfig, TrustError>| {
+                if let Outcome::Published(_) = outcome {
+                    tracing::info!(path = %path.display(), "broker CA bundle changed; new connections use it");
+                }
+            }
+        };
+        let current = Follow::new([path], parse)
+            .refusal(
+                tracing::Level::WARN,
+                "keeping the previous broker CA bundle",
+            )
+            .on_outcome(on_outcome)
+            .start(CancellationToken::new())
+            .map_err(|e| match e {
+                StartError::Parse(e) => e,
+                StartError::Read(ReadError::Io { path, error }) => TrustError::Read { path, error },
+                StartError::Read(e) => TrustError::Invalid {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                },
+            })?;
+        Ok(Self { current })
     }
 
     /// A bundle given as PEM text (`what` names it in errors).
     pub fn from_pem(what: &str, pem: &str) -> Result<Self, TrustError> {
         let config = client_config(Path::new(what), pem.as_bytes())?;
-        Ok(Self {
-            path: None,
-            current: Mutex::new((0, config)),
-        })
+        // The receiver keeps the value after the sender is gone.
+        let (_, current) = watch::channel(Arc::new(config));
+        Ok(Self { current })
     }
 
     /// The configuration for a new connection: the file's current bundle, or the last
     /// good one if the file is now unreadable or broken.
     fn config(&self) -> Arc<ClientConfig> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(path) = &self.path else {
-            return current.1.clone();
-        };
-        let refreshed = read(path).and_then(|pem| {
-            let fp = fingerprint(&pem);
-            if fp == current.0 {
-                return Ok(None);
-            }
-            client_config(path, &pem).map(|c| Some((fp, c)))
-        });
-        match refreshed {
-            Ok(Some(next)) => {
-                tracing::info!(path = %path.display(), "broker CA bundle changed; new connections use it");
-                *current = next;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "keeping the previous broker CA bundle");
-            }
-        }
-        current.1.clone()
+        self.current.borrow().clone()
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TrustError> {
-    std::fs::read(path).map_err(|error| TrustError::Read {
-        path: path.to_owned(),
-        error,
-    })
-}
-
-fn fingerprint(pem: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    pem.hash(&mut h);
-    h.finish()
-}
-
-fn client_config(path: &Path, pem: &[u8]) -> Result<Arc<ClientConfig>, TrustError> {
+fn client_config(path: &Path, pem: &[u8]) -> Result<ClientConfig, TrustError> {
     let invalid = |reason: String| TrustError::Invalid {
         path: path.to_owned(),
         reason,
@@ -130,7 +118,7 @@ fn client_config(path: &Path, pem: &[u8]) -> Result<Arc<ClientConfig>, TrustErro
             .with_root_certificates(roots)
             .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// Dials the broker for hyper's client. Cheap to clone; clones share the failure memory.
@@ -517,10 +505,19 @@ mod tests {
             server
         );
 
-        // A bundle without the broker's CA: refused, with the reason.
+        // A bundle without the broker's CA: refused, with the reason, once it is read.
         let other = ca();
         std::fs::write(&ca_file, &other.pem).unwrap();
-        let err = dialer.dial().await.unwrap_err().to_string();
+        let mut err = String::new();
+        for _ in 0..500 {
+            match dialer.dial().await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => {
+                    err = e.to_string();
+                    break;
+                }
+            }
+        }
         assert!(
             err.contains("TLS handshake") && err.contains("certificate"),
             "{err}"
@@ -528,9 +525,18 @@ mod tests {
 
         // Unreadable later: the last good bundle (now the wrong one) stays.
         std::fs::write(&ca_file, "garbage").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(dialer.dial().await.is_err());
         std::fs::write(&ca_file, &good.pem).unwrap();
-        assert!(dialer.dial().await.is_ok());
+        let mut ok = false;
+        for _ in 0..500 {
+            if dialer.dial().await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ok, "the good bundle is back in force");
     }
 
     #[tokio::test]

@@ -121,7 +121,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = etcd_shim::metrics::Metrics::new(&mut registry);
-    let (token, _) = TokenSource::spawn(
+    let token = TokenSource::spawn(
         args.token_file.clone(),
         args.token_reload_interval,
         Some(metrics.clone()),

@@ -7,11 +7,13 @@
 //! on any event there, and keeps a periodic re-read (and one just before the token's own
 //! expiry) for file systems where change events never arrive.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use etcd_shim_core::dirwatch::DirWatch;
+use etcd_shim_core::follow::{Follow, Outcome, ReadError};
 use etcd_shim_core::token::unverified_exp;
 use http::HeaderValue;
 use tokio::sync::watch;
@@ -27,11 +29,11 @@ const MIN_WAIT: Duration = Duration::from_secs(1);
 /// The current `authorization` header value, or why there is none.
 #[derive(Clone)]
 pub struct TokenSource {
-    rx: watch::Receiver<Result<HeaderValue, Arc<str>>>,
+    rx: watch::Receiver<Arc<Loaded>>,
 }
 
-/// What one read of the token file gave.
-#[derive(Clone)]
+/// What one read of the token file gave. A token that is missing or unusable is news
+/// too (the shim is not ready without one), so it is published like a good one.
 struct Loaded {
     header: Result<HeaderValue, Arc<str>>,
     /// The token's unverified `exp`, to schedule a re-read before it.
@@ -40,62 +42,74 @@ struct Loaded {
 
 impl TokenSource {
     /// Reads `path` now, then again whenever its directory changes, every `every`, and
-    /// shortly before the token expires, until `stop`. Reloads and the expiry of the
-    /// token in use go to `metrics`.
+    /// shortly before the token expires, until `stop` or until every clone of the source
+    /// is dropped. Reloads and the expiry of the token in use go to `metrics`.
     pub fn spawn(
         path: PathBuf,
         every: Duration,
         metrics: Option<Arc<Metrics>>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        // Watch before the first read, so a rotation between the two is not missed.
-        let mut watch = DirWatch::new(&path);
-        let first = read(&path);
-        let (tx, rx) = watch::channel(first.header.clone());
-        log_change(&path, None, &first.header);
+    ) -> Self {
         let report = move |changed: bool, next: &Loaded| {
             if let Some(m) = &metrics {
                 m.token_read(changed, next.header.is_ok(), next.expires);
             }
         };
-        report(false, &first);
-        let task = tokio::spawn(async move {
-            // `watch` moves in here and lives as long as the loop.
-            let mut expires = first.expires;
-            loop {
-                let wait = next_wait(every, expires, SystemTime::now());
-                tokio::select! {
-                    _ = watch.wait(wait) => {}
-                    _ = stop.cancelled() => return,
+        // Whether the token in force is usable, to tell a rotation from a first load.
+        let usable = Arc::new(AtomicBool::new(false));
+        let on_outcome = {
+            let (path, usable, report) = (path.clone(), usable.clone(), report.clone());
+            move |outcome: Outcome<'_, Loaded, Infallible>| {
+                if let Outcome::Published(next) = outcome {
+                    let was_usable = usable.swap(next.header.is_ok(), Ordering::Relaxed);
+                    log_change(&path, Some(was_usable), &next.header);
+                    report(true, next);
                 }
-                let next = read(&path);
-                expires = next.expires;
-                tx.send_if_modified(|cur| {
-                    let changed = match (&*cur, &next.header) {
-                        (Ok(a), Ok(b)) => a != b,
-                        (Err(a), Err(b)) => a != b,
-                        _ => true,
-                    };
-                    if changed {
-                        log_change(&path, Some(cur), &next.header);
-                        *cur = next.header.clone();
-                        report(true, &next);
-                    }
-                    changed
-                });
             }
-        });
-        (Self { rx }, task)
+        };
+        let shown = path.clone();
+        let unreadable = move |e: &ReadError| {
+            let why = match e {
+                ReadError::Io { error, .. } => error.to_string(),
+                e => e.to_string(),
+            };
+            Loaded {
+                header: Err(Arc::from(format!(
+                    "cannot read token file {}: {why}",
+                    shown.display()
+                ))),
+                expires: None,
+            }
+        };
+        let parse = {
+            let path = path.clone();
+            move |contents: &[Vec<u8>]| Ok(parse(&path, &contents[0]))
+        };
+        let rx = Follow::new([&path], parse)
+            .every(every)
+            .on_unreadable(unreadable)
+            .next_read(move |t: &Loaded| next_wait(every, t.expires, SystemTime::now()))
+            .on_outcome(on_outcome)
+            .start(stop)
+            .expect("an unreadable file gives a value and parsing cannot fail");
+        let first = rx.borrow().clone();
+        usable.store(first.header.is_ok(), Ordering::Relaxed);
+        log_change(&path, None, &first.header);
+        report(false, &first);
+        Self { rx }
     }
 
     /// A fixed token, for tests and tools.
     pub fn fixed(token: &str) -> Self {
-        let (_tx, rx) = watch::channel(header(token).map_err(Arc::from));
+        let (_tx, rx) = watch::channel(Arc::new(Loaded {
+            header: header(token).map_err(Arc::from),
+            expires: None,
+        }));
         Self { rx }
     }
 
     pub fn current(&self) -> Result<HeaderValue, Arc<str>> {
-        self.rx.borrow().clone()
+        self.rx.borrow().header.clone()
     }
 }
 
@@ -110,18 +124,15 @@ fn next_wait(every: Duration, expires: Option<SystemTime>, now: SystemTime) -> D
     }
 }
 
-fn read(path: &Path) -> Loaded {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            return Loaded {
-                header: Err(Arc::from(format!(
-                    "cannot read token file {}: {e}",
-                    path.display()
-                ))),
-                expires: None,
-            };
-        }
+fn parse(path: &Path, contents: &[u8]) -> Loaded {
+    let Ok(text) = std::str::from_utf8(contents) else {
+        return Loaded {
+            header: Err(Arc::from(format!(
+                "token file {}: not UTF-8",
+                path.display()
+            ))),
+            expires: None,
+        };
     };
     let token = text.trim();
     Loaded {
@@ -141,14 +152,11 @@ fn header(token: &str) -> Result<HeaderValue, String> {
     Ok(v)
 }
 
-fn log_change(
-    path: &Path,
-    old: Option<&Result<HeaderValue, Arc<str>>>,
-    new: &Result<HeaderValue, Arc<str>>,
-) {
-    match (old, new) {
+/// Logs a new token state; `was_usable` is `None` for the first load.
+fn log_change(path: &Path, was_usable: Option<bool>, new: &Result<HeaderValue, Arc<str>>) {
+    match (was_usable, new) {
         (_, Err(e)) => tracing::warn!(error = %e, "no usable token"),
-        (Some(Ok(_)), Ok(_)) => tracing::info!(path = %path.display(), "token rotated"),
+        (Some(true), Ok(_)) => tracing::info!(path = %path.display(), "token rotated"),
         (_, Ok(_)) => tracing::info!(path = %path.display(), "token loaded"),
     }
 }
@@ -199,7 +207,7 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let (src, _task) = TokenSource::spawn(
+        let src = TokenSource::spawn(
             path.clone(),
             Duration::from_millis(10),
             Some(metrics),
@@ -268,7 +276,7 @@ mod tests {
         publish(dir.path(), "2025_01_01_00_00_00.1", "first");
         let stop = tokio_util::sync::CancellationToken::new();
         // The periodic re-read is an hour away: only the directory watch can see the swap.
-        let (src, _task) = TokenSource::spawn(
+        let src = TokenSource::spawn(
             dir.path().join("token"),
             Duration::from_secs(3600),
             None,
