@@ -19,6 +19,7 @@ use crate::{Broker, BrokerConfig};
 use anyhow::Context;
 use clap::Parser;
 use etcd_shim_core::admin::{self, AdminState, Readiness};
+use etcd_shim_core::follow::{Follow, Outcome, ReadError, StartError};
 use etcd_shim_core::logging::LogFormat;
 use etcd_shim_core::shutdown::Shutdown;
 use etcd_shim_core::tls::ClientTlsFiles;
@@ -26,6 +27,8 @@ use etcd_shim_core::tls::{
     ReloadHook, ReloadOptions, ReloadOutcome, ServerTlsFiles, TlsAcceptorSource,
 };
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "etcd-shim-broker", version, about)]
@@ -291,7 +294,7 @@ pub async fn run(args: Args, listeners: Listeners, shutdown: Shutdown) -> anyhow
         Some(path) => {
             // A broken file at start-up is fatal: starting without its deny rules could let
             // in tenants the operator meant to keep out.
-            let followed = config::follow(
+            let followed = follow_config(
                 broker.clone(),
                 path.clone(),
                 args.reload_interval,
@@ -457,6 +460,60 @@ async fn authenticator(
     })
 }
 
+/// Applies the file at `path` to `broker` now, failing if it is refused (start-up must not
+/// go on without its deny rules), then re-applies it whenever it changes (directory watch
+/// plus a re-read every `every`) until `stop` or until the returned receiver is dropped.
+/// Applying is the validation: the broker refuses a file without changing anything, so a
+/// refused file leaves the running config as it was, with an error log line and
+/// `etcd_broker_config_reloads_total{outcome="failure"}`.
+fn follow_config(
+    broker: Broker,
+    path: PathBuf,
+    every: Duration,
+    stop: CancellationToken,
+) -> Result<watch::Receiver<Arc<config::ConfigFile>>, config::ConfigError> {
+    let shown = path.display().to_string();
+    let metrics = broker.metrics().clone();
+    let apply = move |contents: &[Vec<u8>]| {
+        let text = std::str::from_utf8(&contents[0])
+            .map_err(|e| config::ConfigError::Syntax(e.to_string()))?;
+        let file = config::ConfigFile::parse(text)?;
+        broker.apply_config(&file)?;
+        Ok(file)
+    };
+    let on_outcome = {
+        let shown = shown.clone();
+        move |outcome: Outcome<'_, config::ConfigFile, config::ConfigError>| match outcome {
+            Outcome::Published(_) => {
+                tracing::info!(path = %shown, "broker config reloaded");
+                metrics.reloaded(Reloaded::Config, true);
+            }
+            Outcome::Rejected(_) | Outcome::Unreadable(_) => {
+                metrics.reloaded(Reloaded::Config, false);
+            }
+            Outcome::Unchanged => {}
+        }
+    };
+    Follow::new([&path], apply)
+        .every(every)
+        .refusal(
+            tracing::Level::ERROR,
+            "broker config refused; keeping the previous config",
+        )
+        .on_outcome(on_outcome)
+        .start(stop)
+        .map_err(|e| match e {
+            StartError::Parse(e) => e,
+            StartError::Read(e) => config::ConfigError::Read {
+                path: shown,
+                error: match e {
+                    ReadError::Io { error, .. } => error.to_string(),
+                    e => e.to_string(),
+                },
+            },
+        })
+}
+
 /// Keeps the "etcd" readiness condition current.
 async fn probe_loop(broker: Broker, readiness: Readiness, shutdown: Shutdown) {
     let mut last_ok = None;
@@ -600,5 +657,77 @@ mod tests {
             a.config.as_deref(),
             Some(std::path::Path::new("/etc/etcd-shim/broker.yaml"))
         );
+    }
+
+    /// Polls `f` every 10 ms for at most 5 s.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn reload_follows_the_file_and_keeps_the_old_config_when_broken() {
+        use crate::auth::{Identity, StaticTokens};
+        use crate::metrics::Metrics;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.yaml");
+        let first = "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}]\n";
+        std::fs::write(&path, first).unwrap();
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let broker = Broker::new(
+            &BrokerConfig::default(),
+            Arc::new(StaticTokens::default()),
+            Upstream::new(&["http://127.0.0.1:1".into()]).unwrap(),
+            metrics.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        // A long period: the directory watch must notice the writes.
+        let _config = follow_config(
+            broker.clone(),
+            path.clone(),
+            Duration::from_secs(3600),
+            stop.clone(),
+        )
+        .unwrap();
+        let backend = |who: &str| {
+            broker
+                .resolve(&Identity::parse(who).unwrap())
+                .map(|t| t.backend.to_string())
+        };
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+        assert_eq!(backend("b/x").as_deref(), Some("default"));
+
+        // Broken: overlapping prefixes. Refused, counted, old config still routes.
+        std::fs::write(
+            &path,
+            "tenants: [{namespace: a, serviceAccount: x, prefix: /p/}, {namespace: b, serviceAccount: x, prefix: /p/q/}]",
+        )
+        .unwrap();
+        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 1).await);
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+
+        // Not even YAML: refused too.
+        std::fs::write(&path, "tenants: [unclosed").unwrap();
+        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 2).await);
+        assert_eq!(backend("a/x").as_deref(), Some("second"));
+
+        // A new rule is picked up: b goes to the second backend, c is denied.
+        std::fs::write(
+            &path,
+            "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}, {namespace: b, backend: second}, {namespace: c, action: deny}]\n",
+        )
+        .unwrap();
+        assert!(eventually(|| backend("b/x").as_deref() == Some("second")).await);
+        assert_eq!(backend("c/x"), None);
+        assert_eq!(metrics.reload_count(Reloaded::Config, true), 1);
+        stop.cancel();
     }
 }

@@ -2,23 +2,16 @@
 //! prefix, and who is let in at all. See `docs/broker-config.md` for the format.
 //!
 //! Parsing and validation are pure (`ConfigFile::parse`, `ConfigFile::validate`), so every
-//! rule is unit-tested; `follow` hot-reloads the file into a running broker and keeps the
-//! old config whenever the new one is refused.
+//! rule is unit-tested. Following the file and applying it to a running broker is the
+//! wiring's business (`cli`).
 //!
 //! YAML is read with `serde_norway`, the maintained fork of `serde_yaml` (which its author
 //! has archived): same data model and API, still receiving fixes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_shim_core::follow::{Follow, Outcome, ReadError, StartError};
 use serde::Deserialize;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
-use crate::Broker;
-use crate::metrics::Reloaded;
 
 /// Name of the backend made from `--etcd-endpoints`; a file may redefine it.
 pub const IMPLICIT_BACKEND: &str = "default";
@@ -716,66 +709,6 @@ fn check_prefixes(all: &[Claimed]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Loads, validates and applies the file at `path` to `broker`.
-pub fn apply_file(broker: &Broker, path: &Path) -> Result<(), ConfigError> {
-    let file = ConfigFile::load(path)?;
-    broker.apply_config(&file)
-}
-
-/// Applies the file at `path` to `broker` now, failing if it is refused (start-up must not
-/// go on without its deny rules), then re-applies it whenever it changes (directory watch
-/// plus a re-read every `every`) until `stop` or until the returned receiver is dropped.
-/// Applying is the validation: the broker refuses a file without changing anything, so a
-/// refused file leaves the running config as it was, with an error log line and
-/// `etcd_broker_config_reloads_total{outcome="failure"}`.
-pub fn follow(
-    broker: Broker,
-    path: PathBuf,
-    every: Duration,
-    stop: CancellationToken,
-) -> Result<watch::Receiver<Arc<ConfigFile>>, ConfigError> {
-    let shown = path.display().to_string();
-    let metrics = broker.metrics().clone();
-    let apply = move |contents: &[Vec<u8>]| {
-        let text =
-            std::str::from_utf8(&contents[0]).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        let file = ConfigFile::parse(text)?;
-        broker.apply_config(&file)?;
-        Ok(file)
-    };
-    let on_outcome = {
-        let shown = shown.clone();
-        move |outcome: Outcome<'_, ConfigFile, ConfigError>| match outcome {
-            Outcome::Published(_) => {
-                tracing::info!(path = %shown, "broker config reloaded");
-                metrics.reloaded(Reloaded::Config, true);
-            }
-            Outcome::Rejected(_) | Outcome::Unreadable(_) => {
-                metrics.reloaded(Reloaded::Config, false);
-            }
-            Outcome::Unchanged => {}
-        }
-    };
-    Follow::new([&path], apply)
-        .every(every)
-        .refusal(
-            tracing::Level::ERROR,
-            "broker config refused; keeping the previous config",
-        )
-        .on_outcome(on_outcome)
-        .start(stop)
-        .map_err(|e| match e {
-            StartError::Parse(e) => e,
-            StartError::Read(e) => ConfigError::Read {
-                path: shown,
-                error: match e {
-                    ReadError::Io { error, .. } => error.to_string(),
-                    e => e.to_string(),
-                },
-            },
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1162,77 +1095,5 @@ tenants:
         // Zero watches, leases, keys or bytes are allowed: a tenant that may hold none.
         let plan = check("defaultLimits: {watches: 0, leases: 0, keys: 0, bytes: 0}").unwrap();
         assert_eq!(plan.default_limits.keys, Some(0));
-    }
-
-    /// Polls `f` every 10 ms for at most 5 s.
-    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-        for _ in 0..500 {
-            if f() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    }
-
-    #[tokio::test]
-    async fn reload_follows_the_file_and_keeps_the_old_config_when_broken() {
-        use crate::auth::{Identity, StaticTokens};
-        use crate::metrics::Metrics;
-
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("broker.yaml");
-        let first = "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}]\n";
-        std::fs::write(&path, first).unwrap();
-        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
-        let broker = Broker::new(
-            &crate::BrokerConfig::default(),
-            Arc::new(StaticTokens::default()),
-            crate::upstream::Upstream::new(&["http://127.0.0.1:1".into()]).unwrap(),
-            metrics.clone(),
-            CancellationToken::new(),
-        )
-        .unwrap();
-        let stop = CancellationToken::new();
-        // A long period: the directory watch must notice the writes.
-        let _config = follow(
-            broker.clone(),
-            path.clone(),
-            Duration::from_secs(3600),
-            stop.clone(),
-        )
-        .unwrap();
-        let backend = |who: &str| {
-            broker
-                .resolve(&Identity::parse(who).unwrap())
-                .map(|t| t.backend.to_string())
-        };
-        assert_eq!(backend("a/x").as_deref(), Some("second"));
-        assert_eq!(backend("b/x").as_deref(), Some("default"));
-
-        // Broken: overlapping prefixes. Refused, counted, old config still routes.
-        std::fs::write(
-            &path,
-            "tenants: [{namespace: a, serviceAccount: x, prefix: /p/}, {namespace: b, serviceAccount: x, prefix: /p/q/}]",
-        )
-        .unwrap();
-        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 1).await);
-        assert_eq!(backend("a/x").as_deref(), Some("second"));
-
-        // Not even YAML: refused too.
-        std::fs::write(&path, "tenants: [unclosed").unwrap();
-        assert!(eventually(|| metrics.reload_count(Reloaded::Config, false) == 2).await);
-        assert_eq!(backend("a/x").as_deref(), Some("second"));
-
-        // A new rule is picked up: b goes to the second backend, c is denied.
-        std::fs::write(
-            &path,
-            "backends: [{name: second, endpoints: ['http://127.0.0.1:2']}]\ntenants: [{namespace: a, backend: second}, {namespace: b, backend: second}, {namespace: c, action: deny}]\n",
-        )
-        .unwrap();
-        assert!(eventually(|| backend("b/x").as_deref() == Some("second")).await);
-        assert_eq!(backend("c/x"), None);
-        assert_eq!(metrics.reload_count(Reloaded::Config, true), 1);
-        stop.cancel();
     }
 }
