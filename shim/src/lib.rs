@@ -4,6 +4,7 @@
 //! with traffic.
 
 pub mod authority;
+pub mod cli;
 pub mod connect;
 pub mod endpoint;
 pub mod grpc;
