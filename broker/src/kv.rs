@@ -285,8 +285,8 @@ impl Broker {
         Ok(resp)
     }
 
-    /// The real lease the tenant means by `seen`, if it owns it: read under the current
-    /// secret, then under earlier ones. Anything else is a lease etcd does not know.
+    /// The real lease the tenant means by `seen`, if it owns it (see `leases`); anything
+    /// else is refused as a lease etcd does not know.
     pub(crate) async fn real_lease(
         &self,
         t: &Tenant,
@@ -302,16 +302,6 @@ impl Broker {
     /// [`Broker::real_lease`] without the refusal: `None` when the tenant owns no such
     /// lease.
     pub(crate) async fn owned_lease(&self, t: &Tenant, seen: i64) -> Result<Option<i64>, Status> {
-        for real in t.lease_ids.candidates(seen) {
-            if self.owns_lease(t, real).await? {
-                return Ok(Some(real));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Whether the tenant owns the lease (false for leases of others and for missing ones).
-    pub(crate) async fn owns_lease(&self, t: &Tenant, id: i64) -> Result<bool, Status> {
-        self.inner.leases.owns(t, id).await
+        self.inner.leases.owned(t, seen).await
     }
 }

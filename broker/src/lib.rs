@@ -19,12 +19,15 @@ mod cluster;
 mod compaction;
 mod kv;
 mod lease;
+mod leases;
 pub mod limits;
 mod lock;
 mod maintenance;
 mod outbox;
 pub mod quota;
+mod refuse;
 mod tenant;
+mod usage;
 mod watch;
 
 pub use cli::{Args, Listeners, run};
@@ -40,9 +43,10 @@ use tonic::metadata::MetadataMap;
 
 use crate::auth::Authenticator;
 use crate::error::EtcdError;
+use crate::leases::LeaseOwners;
 use crate::metrics::Metrics;
 use crate::rewrite::Stripped;
-use crate::tenant::{LeaseOwners, TenantResolver};
+use crate::tenant::TenantResolver;
 use crate::upstream::Upstream;
 
 /// Everything a request handler needs; cheap to clone.
@@ -208,18 +212,5 @@ impl Broker {
                 "response held keys outside the tenant prefix; dropped them"
             );
         }
-    }
-
-    /// Counts and audits a refusal by policy, then returns it as a status.
-    fn deny(&self, tenant: Option<&Tenant>, method: &'static str, err: EtcdError) -> Status {
-        self.metrics().denied(err.reason());
-        tracing::warn!(
-            target: "etcd_shim_broker::audit",
-            tenant = tenant.map(|t| t.name.as_str()).unwrap_or("-"),
-            method,
-            reason = err.reason(),
-            "denied"
-        );
-        err.into()
     }
 }

@@ -4,7 +4,8 @@
 //! `etcdserver: mvcc: database space exceeded`. Reads and deletes are never refused by a
 //! quota, so a tenant can always clean up.
 //!
-//! Usage is measured from etcd (a paged scan of the tenant's prefix at one revision) and
+//! Usage is measured from etcd (a paged scan of the tenant's prefix at one revision, see
+//! `usage`) and
 //! kept current between measurements with the broker's own writes, whose effect is read
 //! from the `prev_kv` etcd returns. The request path makes no etcd call for accounting,
 //! except for a tenant's first write after start-up and for writes close to the quota.
@@ -14,33 +15,22 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use etcd_client::proto::{
-    PbRangeRequest, PbRangeResponse, PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp,
-    PbTxnResponse,
-};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tonic::{Code, Request, Status};
+use tonic::Status;
 
 use crate::config::{Limits, Rate, UsageRefresh};
 use crate::error::EtcdError;
-use crate::quota::{self, Delta};
+use crate::quota::Delta;
+use crate::usage;
 use crate::{Broker, Tenant};
 
 /// Metrics label of every tenant that no rule names exactly, so that the number of
 /// series stays bounded by the config.
 pub const UNLISTED: &str = "unlisted";
 
-/// Most keys per page when measuring a tenant.
-const SCAN_PAGE: i64 = 1000;
-/// Most bytes of one page: a page that would be larger is refused by its length before
-/// the broker buffers it, and asked for again with fewer keys, so a tenant of large
-/// values costs the broker no more memory than one of small values.
-const SCAN_PAGE_BYTES: usize = 4 << 20;
-/// Bound on pages per measurement (a billion keys): every loop ends.
-const SCAN_MAX_PAGES: usize = 1_000_000;
 /// A measurement older than this is redone before a write is refused, so that deletes
 /// made through another broker replica are seen.
 const REMEASURE_BEFORE_REFUSING: Duration = Duration::from_secs(2);
@@ -644,19 +634,6 @@ impl Broker {
             .map_err(|r| self.refuse_limit(t, method, r))
     }
 
-    /// Counts and audits a refusal by a limit, then returns it as etcd would say it.
-    pub(crate) fn refuse_limit(&self, t: &Tenant, method: &'static str, r: Refusal) -> Status {
-        self.metrics().limit_rejected(&t.label, r.reason());
-        tracing::warn!(
-            target: "etcd_shim_broker::audit",
-            tenant = %t.name,
-            method,
-            reason = r.reason(),
-            "refused by limit"
-        );
-        r.error().into()
-    }
-
     /// Holds the growth of a write against the tenant's quota, or refuses it with
     /// etcd's "database space exceeded". `worst` is the most the write can add; near the
     /// quota, the sizes of the pairs it replaces (`keys`) are looked up and `exact`
@@ -710,7 +687,7 @@ impl Broker {
         keys.sort();
         keys.dedup();
         if !keys.is_empty() && keys.len() <= LOOKUP_MAX_KEYS {
-            let old = lookup_sizes(t, keys).await?;
+            let old = usage::lookup_sizes(t, keys).await?;
             match attempt(exact(&old)) {
                 Ok(r) => return Ok(r),
                 Err(e) => exceeded = e,
@@ -775,7 +752,7 @@ impl Broker {
             return Ok(());
         }
         t.state.usage().begin_scan();
-        let res = scan(t).await;
+        let res = usage::scan(t).await;
         let mut u = t.state.usage();
         match res {
             Ok((rev, measured)) => {
@@ -798,18 +775,9 @@ impl Broker {
         };
         let known = t.state.leases.load(Ordering::Acquire);
         if known < 0 || known >= max {
-            let req = PbRangeRequest {
-                key: t.lease_prefix.as_bytes().to_vec(),
-                range_end: t.lease_prefix.end().to_vec(),
-                count_only: true,
-                ..Default::default()
-            };
-            let resp: PbRangeResponse = t
-                .upstream
-                .unary("/etcdserverpb.KV/Range", Request::new(req))
-                .await?
-                .into_inner();
-            t.state.leases.store(resp.count, Ordering::Release);
+            t.state
+                .leases
+                .store(usage::count_leases(t).await?, Ordering::Release);
         }
         if t.state.leases.fetch_add(1, Ordering::AcqRel) >= max {
             t.state.leases.fetch_sub(1, Ordering::AcqRel);
@@ -819,108 +787,6 @@ impl Broker {
             state: Some(t.state.clone()),
         })
     }
-}
-
-/// Counts the tenant's keys and bytes at one revision, a page at a time. Returns the
-/// revision and the counts. Retried from the start if etcd compacts that revision
-/// meanwhile.
-async fn scan(t: &Tenant) -> Result<(i64, Delta), Status> {
-    let prefix_len = t.prefix.as_bytes().len();
-    let mut last_err = None;
-    for _attempt in 0..3 {
-        let mut key = t.prefix.as_bytes().to_vec();
-        let mut rev = 0;
-        let mut total = Delta::default();
-        let mut done = false;
-        let mut page = SCAN_PAGE;
-        for _page in 0..SCAN_MAX_PAGES {
-            let req = PbRangeRequest {
-                key: key.clone(),
-                range_end: t.prefix.end().to_vec(),
-                limit: page,
-                revision: rev,
-                ..Default::default()
-            };
-            // One pair is as large as etcd lets it be, so a page of one is not bounded.
-            let bound = if page > 1 {
-                SCAN_PAGE_BYTES
-            } else {
-                usize::MAX
-            };
-            let resp: PbRangeResponse = match t
-                .upstream
-                .unary_within("/etcdserverpb.KV/Range", Request::new(req), bound)
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(e) if crate::upstream::too_large(&e) => {
-                    page = (page / 8).max(1);
-                    continue;
-                }
-                Err(e) => {
-                    last_err = Some(e);
-                    break;
-                }
-            };
-            page = (page * 2).min(SCAN_PAGE);
-            if rev == 0 {
-                rev = resp.header.as_ref().map_or(0, |h| h.revision);
-            }
-            for kv in &resp.kvs {
-                total = total.plus(Delta::new(1, quota::kv_size(prefix_len, kv)));
-            }
-            match resp.kvs.last() {
-                Some(kv) if resp.more => {
-                    key = kv.key.clone();
-                    key.push(0);
-                }
-                _ => {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if done {
-            return Ok((rev, total));
-        }
-        match &last_err {
-            Some(e) if e.code() == Code::OutOfRange => continue,
-            _ => break,
-        }
-    }
-    Err(last_err.unwrap_or_else(|| Status::unavailable("measuring tenant usage: too many keys")))
-}
-
-/// Sizes of the existing pairs among `keys` (with prefix), in one transaction.
-async fn lookup_sizes(t: &Tenant, keys: Vec<Vec<u8>>) -> Result<HashMap<Vec<u8>, i64>, Status> {
-    let prefix_len = t.prefix.as_bytes().len();
-    let req = PbTxnRequest {
-        success: keys
-            .into_iter()
-            .map(|key| PbTxnRequestOp {
-                request: Some(PbTxnOpRequest::RequestRange(PbRangeRequest {
-                    key,
-                    ..Default::default()
-                })),
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let resp: PbTxnResponse = t
-        .upstream
-        .unary("/etcdserverpb.KV/Txn", Request::new(req))
-        .await?
-        .into_inner();
-    let mut sizes = HashMap::new();
-    for op in resp.responses {
-        if let Some(PbTxnOpResponse::ResponseRange(r)) = op.response {
-            for kv in r.kvs {
-                let s = quota::kv_size(prefix_len, &kv);
-                sizes.insert(kv.key, s);
-            }
-        }
-    }
-    Ok(sizes)
 }
 
 #[cfg(test)]

@@ -18,21 +18,6 @@ const SERVICE: &str = "Maintenance";
 /// etcd's `AlarmRequest.AlarmAction.GET`.
 const ALARM_GET: i32 = 0;
 
-impl Broker {
-    /// Authenticates, then refuses: an unauthenticated caller learns nothing more.
-    pub(crate) async fn refuse<Q, A>(
-        &self,
-        service: &'static str,
-        method: &'static str,
-        req: Request<Q>,
-    ) -> Result<Response<A>, Status> {
-        self.call(service, method, Admit::Handler, req, |c, _| async move {
-            Err(self.deny(Some(&c.t), method, EtcdError::PermissionDenied))
-        })
-        .await
-    }
-}
-
 #[tonic::async_trait]
 impl PbMaintenanceService for Broker {
     async fn alarm(
