@@ -6,11 +6,13 @@
 //! how the call is admitted, and what it does for its tenant.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Request, Response, Status};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::limits::Class;
@@ -95,6 +97,31 @@ impl Broker {
             .observe(service, method, label, code, elapsed);
         res.map(Response::new)
     }
+}
+
+/// The client's requests on a stream, until the first error or until the stream's
+/// answers end: the guard goes with the response side, and dropping it ends the requests
+/// too, so that the etcd stream they feed ends as well (its request side would otherwise
+/// stay open for as long as the client may still send).
+pub(crate) fn requests<T: Send + 'static>(
+    downstream: Streaming<T>,
+) -> (
+    Pin<Box<dyn Stream<Item = T> + Send>>,
+    tokio_util::sync::DropGuard,
+) {
+    let done = tokio_util::sync::CancellationToken::new();
+    let guard = done.clone().drop_guard();
+    let requests = futures_util::stream::unfold((downstream, done), |(mut d, done)| async move {
+        let next = tokio::select! {
+            next = d.next() => next,
+            _ = done.cancelled() => None,
+        };
+        match next {
+            Some(Ok(msg)) => Some((msg, (d, done))),
+            _ => None,
+        }
+    });
+    (Box::pin(requests), guard)
 }
 
 /// Spawns work a call leaves behind (a stream's pumps, a lock wait), in the call's span

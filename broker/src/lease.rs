@@ -83,7 +83,6 @@ impl PbLeaseService for Broker {
             req,
             |c, downstream| async move {
                 let Caller { t, md } = c;
-                let mut downstream = downstream;
                 let (tx, rx) = self.outbox("etcd-shim: keep-alive reader too slow to keep up");
                 let (up_tx, up_rx) = mpsc::channel::<PbLeaseKeepAliveRequest>(16);
 
@@ -96,17 +95,9 @@ impl PbLeaseService for Broker {
                 let tenant = t.clone();
                 let local_tx = tx.clone();
                 let asked = sent.clone();
-                // Ends the request side with the response side, so that etcd's stream ends too
-                // (the broker's half of it stays open while requests can still come).
-                let done = tokio_util::sync::CancellationToken::new();
-                let requests_done = done.clone();
+                let (mut requests, done) = call::requests(downstream);
                 call::spawn(async move {
-                    loop {
-                        let next = tokio::select! {
-                            next = downstream.next() => next,
-                            _ = requests_done.cancelled() => break,
-                        };
-                        let Some(Ok(mut msg)) = next else { break };
+                    while let Some(mut msg) = requests.next().await {
                         // Leases the caches know cost nothing; any other costs a Range on etcd,
                         // so it is charged to the tenant's read rate (a refusal ends the stream
                         // with etcd's "too many requests").
@@ -167,7 +158,6 @@ impl PbLeaseService for Broker {
                 let broker = self.clone();
                 let shutdown = self.inner.shutdown.clone();
                 call::spawn(async move {
-                    let done = done.drop_guard();
                     let open = t
                         .upstream
                         .streaming::<_, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse>(

@@ -40,7 +40,6 @@ impl PbWatchService for Broker {
             req,
             |c, downstream| async move {
                 let Caller { t, md } = c;
-                let mut downstream = downstream;
 
                 let (tx, rx) = self.outbox(SLOW_WATCHER);
                 let counted = Arc::new(Mutex::new(Counted {
@@ -61,17 +60,9 @@ impl PbWatchService for Broker {
                 let pending = counted.clone();
                 let up_cancel = up_tx.downgrade();
                 let create_md = md.clone();
-                // Ends the request side with the response side, so that etcd's stream ends too
-                // (the broker's half of it stays open while requests can still come).
-                let done = tokio_util::sync::CancellationToken::new();
-                let requests_done = done.clone();
+                let (mut requests, done) = call::requests(downstream);
                 call::spawn(async move {
-                    loop {
-                        let next = tokio::select! {
-                            next = downstream.next() => next,
-                            _ = requests_done.cancelled() => break,
-                        };
-                        let Some(Ok(mut msg)) = next else { break };
+                    while let Some(mut msg) = requests.next().await {
                         if let Some(PbWatchRequestUnion::CreateRequest(c)) = &mut msg.request_union
                         {
                             let admitted = tenant
@@ -124,7 +115,6 @@ impl PbWatchService for Broker {
                 let shutdown = self.inner.shutdown.clone();
                 let open = Open::new(&self.metrics().watch_streams);
                 call::spawn(async move {
-                    let done = done.drop_guard();
                     // Connected here rather than before answering the client: etcd sends its
                     // response headers only once a watch is created, and a stream whose first
                     // create the broker refused itself must still get its answer.
