@@ -10,8 +10,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::metadata::MetadataMap;
 use tokio_stream::{Stream, StreamExt as _};
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
@@ -63,9 +63,9 @@ impl Broker {
             tracing::Span::current().record("tenant", t.name.as_str());
             tenant = Some(t.clone());
             let _permit = match admit {
-                Admit::InFlight(class) => Some(self.admit(&t, class, method)?),
+                Admit::InFlight(class) => Some(self.limiter().admit(&t, class, method)?),
                 Admit::Rate(class) => {
-                    self.rate(&t, class, method)?;
+                    self.limiter().rate(&t, class, method)?;
                     None
                 }
                 Admit::Handler => None,

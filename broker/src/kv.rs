@@ -61,7 +61,7 @@ impl PbKvService for Broker {
             req,
             |c, mut r| async move {
                 let Caller { t, md } = c;
-                let permit = self.admit(&t, Class::Read, "RangeStream")?;
+                let permit = self.limiter().admit(&t, Class::Read, "RangeStream")?;
                 rewrite::range_request(&t.prefix, &mut r)?;
                 self.check_compacted(&t, &md, r.revision).await?;
                 let upstream = t
@@ -114,7 +114,7 @@ impl PbKvService for Broker {
         self.call(SERVICE, "DeleteRange", admit, req, |c, mut r| async move {
             let Caller { t, md } = c;
             rewrite::delete_request(&t.prefix, &mut r)?;
-            let resv = self.track(&t);
+            let resv = self.limiter().track(&t);
             let asked = r.prev_kv;
             r.prev_kv |= resv.tracks();
             let mut resp: PbDeleteResponse = match t
@@ -133,7 +133,7 @@ impl PbKvService for Broker {
                 let pl = t.prefix.as_bytes().len();
                 let d = quota::delete_settle(pl, asked, &mut resp);
                 resv.settle(revision(&resp.header), d);
-                self.refresh_soon(&t);
+                self.limiter().refresh_soon(&t);
             }
             let s = rewrite::range_response(&t.prefix, &mut resp.header, &mut resp.prev_kvs);
             self.check_stripped(&t, "DeleteRange", s);
@@ -194,6 +194,7 @@ impl Broker {
         }
         let pl = t.prefix.as_bytes().len();
         let resv = self
+            .limiter()
             .reserve(
                 t,
                 method,
@@ -224,7 +225,7 @@ impl Broker {
         if resv.tracks() {
             let d = quota::put_settle(pl, size, ignore_value, asked, &mut resp);
             resv.settle(revision(&resp.header), d);
-            self.refresh_soon(t);
+            self.limiter().refresh_soon(t);
         }
         let s = rewrite::put_response(&t.prefix, &mut resp.header, &mut resp.prev_kv);
         self.check_stripped(t, method, s);
@@ -250,18 +251,19 @@ impl Broker {
         }
         let pl = t.prefix.as_bytes().len();
         let resv = if writes {
-            self.reserve(
-                t,
-                method,
-                quota::txn_worst(pl, &r),
-                || {
-                    let mut keys = Vec::new();
-                    quota::txn_put_keys(&r, &mut keys);
-                    keys
-                },
-                |old| quota::txn_exact(pl, &r, old),
-            )
-            .await?
+            self.limiter()
+                .reserve(
+                    t,
+                    method,
+                    quota::txn_worst(pl, &r),
+                    || {
+                        let mut keys = Vec::new();
+                        quota::txn_put_keys(&r, &mut keys);
+                        keys
+                    },
+                    |old| quota::txn_exact(pl, &r, old),
+                )
+                .await?
         } else {
             Reservation::none()
         };
@@ -277,7 +279,7 @@ impl Broker {
         if let Some(asked) = &asked {
             let d = quota::txn_settle(pl, asked, &mut resp);
             resv.settle(revision(&resp.header), d);
-            self.refresh_soon(t);
+            self.limiter().refresh_soon(t);
         }
         let s = rewrite::txn_response(&t.prefix, &mut resp);
         self.check_stripped(t, method, s);

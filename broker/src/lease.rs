@@ -62,7 +62,7 @@ impl PbLeaseService for Broker {
                 .into_inner();
             self.inner.leases.forget(id, &t);
             t.state.lease_revoked();
-            self.refresh_soon(&t);
+            self.limiter().refresh_soon(&t);
             self.note(&resp.header);
             rewrite::scrub_header(&mut resp.header);
             Ok(resp)
@@ -112,7 +112,9 @@ impl PbLeaseService for Broker {
                             } else if known.iter().all(|k| k.1 == Some(false)) {
                                 Ok(None)
                             } else if let Err(refused) =
-                                broker.rate(&tenant, Class::Read, "LeaseKeepAlive")
+                                broker
+                                    .limiter()
+                                    .rate(&tenant, Class::Read, "LeaseKeepAlive")
                             {
                                 Err(refused)
                             } else {
@@ -275,7 +277,7 @@ impl Broker {
         // it refuses any taken ID; as the tenant's IDs are keyed, that tells nothing
         // about whose it is.
         r.id = t.lease_ids.real(r.id);
-        let slot = self.lease_slot(t).await?;
+        let slot = self.limiter().lease_slot(t).await?;
         let mut resp: PbLeaseGrantResponse = t
             .upstream
             .unary("/etcdserverpb.Lease/LeaseGrant", request_from(md, r))

@@ -62,6 +62,8 @@ struct Inner {
     tenants: TenantResolver,
     /// Which tenant owns which lease.
     leases: LeaseOwners,
+    /// Every tenant's limits, applied.
+    limiter: limits::Limiter,
     metrics: Metrics,
     /// Client URLs the broker reports in MemberList for clients that talk to it directly.
     advertise_client_urls: Vec<String>,
@@ -101,6 +103,7 @@ impl Broker {
                 auth,
                 tenants,
                 leases: LeaseOwners::default(),
+                limiter: limits::Limiter::new(metrics.clone()),
                 metrics,
                 advertise_client_urls: cfg.advertise_client_urls.clone(),
                 last_revision: AtomicI64::new(0),
@@ -137,6 +140,10 @@ impl Broker {
     /// The backends in force that are dedicated to etcd-shim.
     pub(crate) fn dedicated_backends(&self) -> Vec<(Arc<str>, Arc<Upstream>)> {
         self.inner.tenants.dedicated_backends()
+    }
+
+    pub(crate) fn limiter(&self) -> &limits::Limiter {
+        &self.inner.limiter
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -23,9 +23,10 @@ use tonic::Status;
 
 use crate::config::{Limits, Rate, UsageRefresh};
 use crate::error::EtcdError;
+use crate::metrics::Metrics;
 use crate::quota::Delta;
 use crate::usage;
-use crate::{Broker, Tenant};
+use crate::{Tenant, refuse};
 
 /// Metrics label of every tenant that no rule names exactly, so that the number of
 /// series stays bounded by the config.
@@ -602,7 +603,25 @@ impl Collector for States {
     }
 }
 
-impl Broker {
+/// Applies every tenant's limits: lets calls in under their concurrency and rates, holds
+/// writes against their quotas (measuring usage through `usage` when due), and counts
+/// leases against their cap. Refusals are counted and audited by `refuse`, in etcd's
+/// words.
+#[derive(Clone)]
+pub(crate) struct Limiter {
+    metrics: Metrics,
+}
+
+impl Limiter {
+    pub(crate) fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+
+    /// Counts and audits a refusal by a limit, then returns it as etcd would say it.
+    pub(crate) fn refuse(&self, t: &Tenant, method: &'static str, r: Refusal) -> Status {
+        refuse::by_limit(&self.metrics, t, method, r)
+    }
+
     /// Lets a call in under the tenant's concurrency and rate limits; the permit counts
     /// the call as in flight until dropped.
     pub(crate) fn admit(
@@ -614,10 +633,10 @@ impl Broker {
         let permit = t
             .state
             .enter(&t.limits)
-            .map_err(|r| self.refuse_limit(t, method, r))?;
+            .map_err(|r| self.refuse(t, method, r))?;
         t.state
             .take(&t.limits, class)
-            .map_err(|r| self.refuse_limit(t, method, r))?;
+            .map_err(|r| self.refuse(t, method, r))?;
         Ok(permit)
     }
 
@@ -631,7 +650,7 @@ impl Broker {
     ) -> Result<(), Status> {
         t.state
             .take(&t.limits, class)
-            .map_err(|r| self.refuse_limit(t, method, r))
+            .map_err(|r| self.refuse(t, method, r))
     }
 
     /// Holds the growth of a write against the tenant's quota, or refuses it with
@@ -650,7 +669,7 @@ impl Broker {
         // the tenant's live data; `worst` counts each put whole.
         t.state
             .take_bytes(&t.limits, worst.bytes.max(0) as u64)
-            .map_err(|r| self.refuse_limit(t, method, r))?;
+            .map_err(|r| self.refuse(t, method, r))?;
         if !t.limits.has_quota() {
             return Ok(Reservation::none());
         }
@@ -697,7 +716,7 @@ impl Broker {
             Exceeded::Keys => Refusal::Keys,
             Exceeded::Bytes => Refusal::Bytes,
         };
-        Err(self.refuse_limit(t, method, r))
+        Err(self.refuse(t, method, r))
     }
 
     /// Accounting for a write that cannot grow usage (a delete).
@@ -720,10 +739,10 @@ impl Broker {
         if t.state.background.swap(true, Ordering::AcqRel) {
             return;
         }
-        let broker = self.clone();
+        let limiter = self.clone();
         let t = t.clone();
         tokio::spawn(async move {
-            if let Err(e) = broker.measure(&t).await {
+            if let Err(e) = limiter.measure(&t).await {
                 tracing::warn!(tenant = %t.name, error = %e.message(), "measuring tenant usage failed; will retry");
             }
             t.state.background.store(false, Ordering::Release);
@@ -781,7 +800,7 @@ impl Broker {
         }
         if t.state.leases.fetch_add(1, Ordering::AcqRel) >= max {
             t.state.leases.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse_limit(t, "LeaseGrant", Refusal::Leases));
+            return Err(self.refuse(t, "LeaseGrant", Refusal::Leases));
         }
         Ok(LeaseSlot {
             state: Some(t.state.clone()),

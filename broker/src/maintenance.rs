@@ -30,7 +30,7 @@ impl PbMaintenanceService for Broker {
             if r.action != ALARM_GET {
                 return Err(self.deny(Some(&t), "Alarm", EtcdError::PermissionDenied));
             }
-            let _permit = self.admit(&t, Class::Read, "Alarm")?;
+            let _permit = self.limiter().admit(&t, Class::Read, "Alarm")?;
             let mut resp: PbAlarmResponse = t
                 .upstream
                 .unary("/etcdserverpb.Maintenance/Alarm", request_from(&md, r))
@@ -54,7 +54,7 @@ impl PbMaintenanceService for Broker {
         let admit = Admit::InFlight(Class::Read);
         self.call(SERVICE, "Status", admit, req, |c, r| async move {
             let Caller { t, md } = c;
-            let used = self.usage_for_status(&t).await?;
+            let used = self.limiter().usage_for_status(&t).await?;
             let real: PbStatusResponse = t
                 .upstream
                 .unary("/etcdserverpb.Maintenance/Status", request_from(&md, r))

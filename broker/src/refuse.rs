@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::call::Admit;
 use crate::error::EtcdError;
 use crate::limits::Refusal;
+use crate::metrics::Metrics;
 use crate::{Broker, Tenant};
 
 impl Broker {
@@ -28,19 +29,6 @@ impl Broker {
         err.into()
     }
 
-    /// Counts and audits a refusal by a limit, then returns it as etcd would say it.
-    pub(crate) fn refuse_limit(&self, t: &Tenant, method: &'static str, r: Refusal) -> Status {
-        self.metrics().limit_rejected(&t.label, r.reason());
-        tracing::warn!(
-            target: "etcd_shim_broker::audit",
-            tenant = %t.name,
-            method,
-            reason = r.reason(),
-            "refused by limit"
-        );
-        r.error().into()
-    }
-
     /// Authenticates, then refuses: an unauthenticated caller learns nothing more.
     pub(crate) async fn refuse<Q, A>(
         &self,
@@ -53,4 +41,17 @@ impl Broker {
         })
         .await
     }
+}
+
+/// Counts and audits a refusal by a limit, then returns it as etcd would say it.
+pub(crate) fn by_limit(metrics: &Metrics, t: &Tenant, method: &'static str, r: Refusal) -> Status {
+    metrics.limit_rejected(&t.label, r.reason());
+    tracing::warn!(
+        target: "etcd_shim_broker::audit",
+        tenant = %t.name,
+        method,
+        reason = r.reason(),
+        "refused by limit"
+    );
+    r.error().into()
 }

@@ -72,7 +72,7 @@ impl PbWatchService for Broker {
                             if let Err(r) = admitted {
                                 // As etcd refuses one watch: created and canceled at once, with the
                                 // reason; other watches on the stream go on.
-                                let status = broker.refuse_limit(&tenant, "Watch", r);
+                                let status = broker.limiter().refuse(&tenant, "Watch", r);
                                 let resp = PbWatchResponse {
                                     header: broker.synthetic_header(),
                                     watch_id: -1,
