@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use tonic::metadata::MetadataMap;
@@ -155,9 +156,83 @@ impl Authenticator for StaticTokens {
     }
 }
 
+/// Bound on the answers a [`TokenCache`] keeps.
+pub const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// SHA-256 of a token: what caches are keyed by, so that raw tokens are never kept.
+pub type TokenHash = [u8; 32];
+
+pub fn token_hash(token: &str) -> TokenHash {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Answers about tokens, each until a deadline, at most [`TOKEN_CACHE_MAX`] of them.
+pub struct TokenCache<V> {
+    entries: HashMap<TokenHash, (V, Instant)>,
+}
+
+impl<V> Default for TokenCache<V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> TokenCache<V> {
+    pub fn get(&mut self, key: &TokenHash, now: Instant) -> Option<V> {
+        match self.entries.get(key) {
+            Some((v, until)) if *until > now => Some(v.clone()),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn put(&mut self, key: TokenHash, value: V, until: Instant, now: Instant) {
+        if self.entries.len() >= TOKEN_CACHE_MAX {
+            self.entries.retain(|_, (_, u)| *u > now);
+            if self.entries.len() >= TOKEN_CACHE_MAX {
+                // Everything is live: start over rather than grow. Costs one check per
+                // active token.
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(key, (value, until));
+    }
+
+    /// Forgets every answer (the keys they were checked against changed).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_cache_is_bounded_and_answers_until_the_deadline() {
+        let mut c = TokenCache::default();
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(10);
+        for i in 0..(TOKEN_CACHE_MAX + 5) {
+            c.put(token_hash(&i.to_string()), i, later, now);
+        }
+        assert!(c.entries.len() <= TOKEN_CACHE_MAX);
+        let key = token_hash("t");
+        c.put(key, 7, later, now);
+        assert_eq!(c.get(&key, now), Some(7));
+        assert_eq!(c.get(&key, later), None, "past its deadline");
+        c.put(key, 7, later, now);
+        c.clear();
+        assert_eq!(c.get(&key, now), None);
+    }
 
     #[test]
     fn identity_parsing() {

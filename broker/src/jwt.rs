@@ -10,8 +10,8 @@
 //! stay valid until they expire. TokenReview mode does not have that limit.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use etcd_shim_core::follow::{Follow, Outcome, StartError};
@@ -20,7 +20,7 @@ use ring::signature;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{AuthError, Authenticator, Identity, TokenCache, token_hash};
 use crate::metrics::{Metrics, Reloaded};
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -253,6 +253,9 @@ pub struct JwtVerifier {
     keys: RwLock<Arc<Jwks>>,
     /// Where each verification's outcome is counted.
     metrics: Option<Metrics>,
+    /// Tokens verified already, each until it expires (as `verify` would find it), so a
+    /// pod's every call does not pay for a signature check; emptied when the keys change.
+    verified: Mutex<TokenCache<Identity>>,
 }
 
 impl JwtVerifier {
@@ -262,6 +265,7 @@ impl JwtVerifier {
             audience: audience.to_owned(),
             keys: RwLock::new(Arc::new(keys)),
             metrics: None,
+            verified: Mutex::default(),
         }
     }
 
@@ -277,6 +281,40 @@ impl JwtVerifier {
 
     fn put_keys(&self, keys: Arc<Jwks>) {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        // A token signed by a key that is gone must fail from now on.
+        self.cache().clear();
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, TokenCache<Identity>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`JwtVerifier::verify`], answered from the tokens verified already when it can be.
+    fn authenticate_at(
+        &self,
+        token: &str,
+        now: SystemTime,
+        clock: Instant,
+    ) -> Result<Identity, JwtError> {
+        let key = token_hash(token);
+        if let Some(id) = self.cache().get(&key, clock) {
+            if let Some(m) = &self.metrics {
+                m.token_cache_hits.inc();
+            }
+            return Ok(id);
+        }
+        let res = self.verify(token, now);
+        if let Some(m) = &self.metrics {
+            m.local_verification(res.is_ok());
+        }
+        if let Ok(id) = &res
+            // Verified, so its exp can be trusted: the token is good until then.
+            && let Some(left) = unverified_exp(token)
+                .and_then(|exp| (exp + LEEWAY).duration_since(now).ok())
+        {
+            self.cache().put(key, id.clone(), clock + left, clock);
+        }
+        res
     }
 
     fn keys(&self) -> Arc<Jwks> {
@@ -415,11 +453,8 @@ pub async fn fetch_jwks(client: &kube::Client) -> Result<Jwks, String> {
 impl Authenticator for JwtVerifier {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
         let res = self
-            .verify(token, SystemTime::now())
+            .authenticate_at(token, SystemTime::now(), Instant::now())
             .map_err(AuthError::from);
-        if let Some(m) = &self.metrics {
-            m.local_verification(res.is_ok());
-        }
         Box::pin(std::future::ready(res))
     }
 }
@@ -637,6 +672,48 @@ mod tests {
             v.verify(&g.join("."), SystemTime::now()),
             Err(JwtError::Signature)
         );
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_until_it_expires_or_the_keys_change() {
+        let (signer, jwk) = Signer::ec();
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let v = verifier(serde_json::json!({"keys": [jwk]})).with_metrics(metrics.clone());
+        let token = signer.sign(&claims());
+        let (wall, clock) = (SystemTime::now(), Instant::now());
+        let verified = |m: &Metrics| {
+            m.local_verifications
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: "accepted",
+                })
+                .get()
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                v.authenticate_at(&token, wall, clock).unwrap().to_string(),
+                "demo/app"
+            );
+        }
+        assert_eq!(verified(&metrics), 1, "verified once");
+        assert_eq!(metrics.token_cache_hits.get(), 2);
+
+        // Past exp and the leeway the token is checked again, and refused.
+        let late = Duration::from_secs(3600) + LEEWAY + Duration::from_secs(1);
+        assert!(matches!(
+            v.authenticate_at(&token, wall + late, clock + late),
+            Err(JwtError::Expired)
+        ));
+
+        // A key set without the token's key: remembered tokens are forgotten.
+        assert!(v.authenticate_at(&token, wall, clock).is_ok());
+        let (_, other) = Signer::rsa();
+        v.set_keys(
+            Jwks::parse(serde_json::json!({"keys": [other]}).to_string().as_bytes()).unwrap(),
+        );
+        assert!(matches!(
+            v.authenticate_at(&token, wall, clock),
+            Err(JwtError::UnknownKey)
+        ));
     }
 
     #[test]

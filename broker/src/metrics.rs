@@ -227,7 +227,7 @@ impl Metrics {
         );
         r.register(
             "token_cache_hits",
-            "Authentications answered from the broker's token cache",
+            "Authentications answered from the broker's token cache (TokenReview answers, or tokens verified locally already)",
             m.token_cache_hits.clone(),
         );
         r.register(

@@ -17,7 +17,7 @@ use futures_util::future::{BoxFuture, Shared};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{AuthError, Authenticator, Identity, TokenCache, TokenHash, token_hash};
 use crate::jwt;
 use crate::metrics::Metrics;
 
@@ -28,19 +28,6 @@ pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// How long a refusal is reused: long enough to absorb a retry storm from one bad pod,
 /// short enough that a freshly created service account works at once.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
-/// Bound on cached answers.
-pub const CACHE_MAX: usize = 10_000;
-
-/// SHA-256 of a token.
-type TokenHash = [u8; 32];
-
-fn hash(token: &str) -> TokenHash {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
 type Outcome = Result<Identity, AuthError>;
 
 /// Authenticates tokens with the API server's TokenReview.
@@ -53,40 +40,10 @@ struct Inner {
     api: Api<TokenReview>,
     /// The audience tokens must be minted for.
     audience: String,
-    cache: Mutex<Cache>,
+    cache: Mutex<TokenCache<Outcome>>,
     /// Reviews under way, so concurrent calls with one token make one request.
     inflight: Mutex<HashMap<TokenHash, Shared<BoxFuture<'static, Outcome>>>>,
     metrics: Metrics,
-}
-
-#[derive(Default)]
-struct Cache {
-    entries: HashMap<TokenHash, (Outcome, Instant)>,
-}
-
-impl Cache {
-    fn get(&mut self, key: &TokenHash, now: Instant) -> Option<Outcome> {
-        match self.entries.get(key) {
-            Some((o, until)) if *until > now => Some(o.clone()),
-            Some(_) => {
-                self.entries.remove(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn put(&mut self, key: TokenHash, outcome: Outcome, until: Instant, now: Instant) {
-        if self.entries.len() >= CACHE_MAX {
-            self.entries.retain(|_, (_, u)| *u > now);
-            if self.entries.len() >= CACHE_MAX {
-                // Everything is live: start over rather than grow. Costs one review per
-                // active token, which the API server absorbs.
-                self.entries.clear();
-            }
-        }
-        self.entries.insert(key, (outcome, until));
-    }
 }
 
 /// How long an answer about `token` may be reused, if at all.
@@ -118,7 +75,7 @@ impl TokenReviewer {
     }
 
     async fn check(&self, token: &str) -> Outcome {
-        let key = hash(token);
+        let key = token_hash(token);
         let cached = self
             .inner
             .cache
@@ -528,20 +485,5 @@ mod tests {
             cache_for(&Err(AuthError::Backend("x".into())), "t", now),
             None
         );
-    }
-
-    #[test]
-    fn cache_is_bounded() {
-        let mut c = Cache::default();
-        let now = Instant::now();
-        for i in 0..(CACHE_MAX + 5) {
-            c.put(
-                hash(&i.to_string()),
-                Err(AuthError::Unknown),
-                now + NEGATIVE_TTL,
-                now,
-            );
-        }
-        assert!(c.entries.len() <= CACHE_MAX);
     }
 }
