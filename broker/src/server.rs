@@ -2,7 +2,6 @@
 //! etcd's message limits and keepalive tolerance, over plaintext h2c or over TLS with a
 //! certificate that is reloaded while serving.
 
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -10,18 +9,16 @@ use etcd_client::proto::{
     PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbStatusRequest,
     PbStatusResponse, PbWatchServer,
 };
+use etcd_shim_core::serve::Server;
 use etcd_shim_core::tls::TlsAcceptorSource;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Request;
-use tonic::transport::Server;
-use tonic::transport::server::{Connected, Router};
+use tonic::service::{RecoverError, RecoverErrorLayer, Routes};
 
 use crate::Broker;
 use crate::authapi::AuthService;
@@ -71,10 +68,6 @@ impl Default for BrokerConfig {
     }
 }
 
-/// A client that connects and never finishes the TLS handshake must not hold a task
-/// forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves the broker's gRPC API in plaintext on `listener` until `shutdown` is cancelled,
 /// then waits for open calls (streams end by themselves on shutdown).
 pub async fn serve(
@@ -82,21 +75,8 @@ pub async fn serve(
     broker: Broker,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "broker listening (plaintext)");
-    }
-    // The builder's tcp_nodelay applies only to listeners tonic binds itself. Without it,
-    // Nagle holds a response's last frames until the shim's delayed ACK (40 ms) arrives.
-    let open = broker.metrics().connections.clone();
-    let incoming = TcpListenerStream::new(listener).map(move |conn| {
-        conn.map(|tcp| {
-            let _ = tcp.set_nodelay(true);
-            Counted::new(tcp, &open)
-        })
-    });
-    router(broker)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+    run(Server::new("broker", http2()), listener, broker, shutdown).await;
+    Ok(())
 }
 
 /// Like [`serve`], over TLS: every new connection is accepted with the latest good
@@ -108,127 +88,48 @@ pub async fn serve_tls(
     broker: Broker,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "broker listening (TLS)");
-    }
+    let server = Server::new("broker", http2()).tls(tls);
+    run(server, listener, broker, shutdown).await;
+    Ok(())
+}
+
+/// Accepts until shutdown, then waits for every connection to close. The gauge counts a
+/// connection once its handshake is done.
+async fn run(server: Server, listener: TcpListener, broker: Broker, shutdown: CancellationToken) {
     let open = broker.metrics().connections.clone();
-    let incoming = tls_incoming(listener, tls, shutdown.clone())
-        .map(move |conn| conn.map(|tls| Counted::new(tls, &open)));
-    router(broker)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+    let connections = TaskTracker::new();
+    let svc = service(broker);
+    server
+        // Without it, Nagle holds a response's last frames until the shim's delayed ACK
+        // (40 ms) arrives.
+        .nodelay()
+        .count_open(open)
+        .track(connections.clone())
+        .serve(listener, shutdown, move |io| {
+            (io, TowerToHyperService::new(svc.clone()))
+        })
+        .await;
+    connections.close();
+    connections.wait().await;
 }
 
-/// Accepts connections and completes their handshakes off the accept loop, so one slow
-/// client cannot hold up the others.
-fn tls_incoming(
-    listener: TcpListener,
-    tls: TlsAcceptorSource,
-    shutdown: CancellationToken,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Usually out of file descriptors; pausing lets connections end
-                        // instead of spinning on the same error.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            // Taken per connection: a reloaded certificate applies from the next one on.
-            let acceptor = tls.acceptor();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// A connection counted in a gauge while it is open.
-struct Counted<IO> {
-    io: IO,
-    open: Gauge,
-}
-
-impl<IO> Counted<IO> {
-    fn new(io: IO, open: &Gauge) -> Self {
-        open.inc();
-        Self {
-            io,
-            open: open.clone(),
-        }
-    }
-}
-
-impl<IO> Drop for Counted<IO> {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+/// HTTP/2 only, with etcd's keepalive tolerance and room for many streams: the settings
+/// tonic's server applied from the broker's builder before it served connections itself.
+fn http2() -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new()).http2_only();
+    http.http2()
+        .timer(TokioTimer::new())
+        .initial_connection_window_size(8 << 20)
+        .initial_stream_window_size(4 << 20)
+        .max_concurrent_streams(u32::MAX)
+        // Answer the client's keepalive pings and send our own to find dead shims.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .adaptive_window(false)
+        .max_pending_accept_reset_streams(None)
+        .max_local_error_reset_streams(None)
+        .max_frame_size(None);
+    http
 }
 
 /// How long a call refused for a limit (ResourceExhausted: too many requests, or a full
@@ -287,47 +188,103 @@ where
     }
 }
 
-/// Every service the broker serves, with etcd's limits.
-fn router(
-    broker: Broker,
-) -> Router<tower::layer::util::Stack<HoldRefusalsLayer, tower::layer::util::Identity>> {
+/// Every service the broker serves, with etcd's limits, behind the layers tonic's server
+/// put around them: errors become gRPC statuses and a client's `grpc-timeout` ends its
+/// call here as well as at etcd.
+fn service(broker: Broker) -> BrokerService {
     // etcd reports the empty service name as SERVING; so does the broker.
     let (_reporter, health) = tonic_health::server::health_reporter();
     let b = broker;
-    Server::builder()
-        .tcp_nodelay(true)
-        // Answer the client's keepalive pings and send our own to find dead shims.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(u32::MAX))
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
+    let routes = Routes::new(
+        PbKvServer::new(b.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        PbWatchServer::new(b.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        PbLeaseServer::new(b.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        PbMaintenanceServer::new(b.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(PbClusterServer::new(b.clone()))
+    .add_service(AuthService(b.clone()))
+    .add_service(LockService(b.clone()))
+    .add_service(ElectionService(b.clone()))
+    .add_service(health)
+    .prepare();
+    tower::ServiceBuilder::new()
+        .layer(RecoverErrorLayer::new())
+        .layer_fn(GrpcTimeout)
         .layer(HoldRefusalsLayer)
-        .add_service(
-            PbKvServer::new(b.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            PbWatchServer::new(b.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            PbLeaseServer::new(b.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            PbMaintenanceServer::new(b.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(PbClusterServer::new(b.clone()))
-        .add_service(AuthService(b.clone()))
-        .add_service(LockService(b.clone()))
-        .add_service(ElectionService(b.clone()))
-        .add_service(health)
+        .service(routes)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type BrokerService = RecoverError<GrpcTimeout<HoldRefusals<Routes>>>;
+
+/// Ends a call when the client's `grpc-timeout` runs out, answering CANCELLED ("Timeout
+/// expired") as tonic's server does.
+#[derive(Clone)]
+struct GrpcTimeout<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcTimeout<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = futures_util::future::BoxFuture<'static, Result<S::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
+        let answer = self.0.call(req);
+        Box::pin(async move {
+            match deadline {
+                None => answer.await.map_err(Into::into),
+                Some(d) => match tokio::time::timeout(d, answer).await {
+                    Ok(res) => res.map_err(Into::into),
+                    Err(_) => Err(tonic::TimeoutExpired(()).into()),
+                },
+            }
+        })
+    }
+}
+
+/// gRPC's `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl Broker {
@@ -347,5 +304,25 @@ impl Broker {
             .into_inner();
         self.note(&resp.header);
         Ok(resp.version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5s", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -11,10 +11,11 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::serve::Server;
 use crate::shutdown::Shutdown;
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -82,42 +83,20 @@ pub struct AdminState {
     pub readiness: Readiness,
 }
 
-/// Serves the admin endpoints on `listener` until shutdown starts.
+/// Serves the admin endpoints on `listener` until shutdown starts. Its connections are not
+/// part of the drain: a scrape in flight at shutdown is not worth waiting for.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Shutdown) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "admin server listening");
-    }
-    let token = shutdown.token();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let token = token.clone();
-        tokio::spawn(async move {
+    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    Server::new("admin", http)
+        .serve(listener, shutdown.token(), move |io| {
+            let state = state.clone();
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+            (io, svc)
+        })
+        .await
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

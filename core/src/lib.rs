@@ -1,9 +1,11 @@
 //! Plumbing shared by every etcd-shim component: logging setup, the shutdown and drain
-//! signal, and the admin HTTP server that exposes `/metrics`, `/live` and `/ready`.
+//! signal, the admin HTTP server that exposes `/metrics`, `/live` and `/ready`, and the
+//! accept loop every server runs.
 
 pub mod admin;
 pub mod follow;
 pub mod logging;
+pub mod serve;
 pub mod shutdown;
 pub mod tls;
 pub mod token;

@@ -3,17 +3,18 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use etcd_shim_core::serve::Server;
 use etcd_shim_core::shutdown::Shutdown;
 use etcd_shim_core::tls::TlsAcceptorSource;
 
@@ -25,10 +26,6 @@ use crate::review::{Outcome, review};
 /// a CREATE review carries it once, so 3 MiB leaves room without letting a client make
 /// us buffer without bound.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
-
-/// A client that opens a connection and never finishes the handshake must not hold a
-/// task forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Request handling state shared by all connections.
 #[derive(Clone, Debug)]
@@ -134,62 +131,19 @@ pub async fn serve(
     webhook: Webhook,
     shutdown: Shutdown,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "webhook listening");
-    }
-    let token = shutdown.token();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually out of file descriptors; pausing lets connections finish
-                    // instead of spinning on the same error.
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Taken per connection, so a reloaded certificate applies from the next one on.
-        let acceptor = tls.acceptor();
-        let webhook = webhook.clone();
-        let token = token.clone();
-        shutdown.tracker().spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    Server::new("webhook", http)
+        .tls(tls)
+        .track(shutdown.tracker().clone())
+        .serve(listener, shutdown.token(), move |io| {
+            let webhook = webhook.clone();
             let svc = service_fn(move |req| {
                 let webhook = webhook.clone();
                 async move { Ok::<_, Infallible>(webhook.handle(req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
-                    }
-                }
-                _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+            (io, svc)
+        })
+        .await
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -23,11 +23,12 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prost::Message;
 use tokio::net::TcpListener;
 
 use etcd_shim_core::error_chain;
+use etcd_shim_core::serve::Server;
 use etcd_shim_core::shutdown::Shutdown;
 
 pub use connect::{Dialer, Trust};
@@ -336,71 +337,26 @@ fn member_list(advertise: SocketAddr) -> Bytes {
 /// Serves the etcd API on `listener` until shutdown starts; connections then get a
 /// GOAWAY and are tracked so the caller can drain them.
 pub async fn serve(listener: TcpListener, forwarder: Forwarder, shutdown: Shutdown) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "shim listening");
-    }
-    let token = shutdown.token();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let forwarder = forwarder.clone();
-        let token = token.clone();
-        let connections = forwarder.metrics().connections.clone();
-        connections.inc();
-        shutdown.tracker().spawn(async move {
-            // Decrements however the task ends.
-            let _open = scopeguard(move || {
-                connections.dec();
-            });
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(u32::MAX)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let open = forwarder.metrics().connections.clone();
+    Server::new("shim", http)
+        .nodelay()
+        .count_open(open)
+        .track(shutdown.tracker().clone())
+        .serve(listener, shutdown.token(), move |io| {
+            let forwarder = forwarder.clone();
             let svc = service_fn(move |req| {
                 let f = forwarder.clone();
                 async move { Ok::<_, Infallible>(f.handle(req).await) }
             });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(u32::MAX)
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20);
-            let io = TokioIo::new(authority::AuthorityFix::new(stream));
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection ended");
-                    }
-                }
-                _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-}
-
-/// Runs `f` when dropped.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
+            (authority::AuthorityFix::new(io), svc)
+        })
+        .await
 }
 
 #[cfg(test)]
