@@ -269,10 +269,11 @@ impl Drop for OpenGuard {
     }
 }
 
-/// An accepted connection, after the TLS handshake if the server has one.
-pub enum Stream {
+/// A TCP connection in the clear or under TLS: an accepted one (after the handshake, if
+/// the server has TLS), or with `T` the client's side, a dialled one.
+pub enum Stream<T = TlsStream<TcpStream>> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
 impl Stream {
@@ -285,7 +286,7 @@ impl Stream {
     }
 }
 
-impl AsyncRead for Stream {
+impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -298,7 +299,7 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
