@@ -26,7 +26,6 @@ use etcd_shim_core::tls::ClientTlsFiles;
 use etcd_shim_core::tls::{
     ReloadHook, ReloadOptions, ReloadOutcome, ServerTlsFiles, TlsAcceptorSource,
 };
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +36,7 @@ pub struct Args {
     /// and --tls-key-file; without them in plaintext h2c, for local development only
     /// (shims then need --broker-insecure-plaintext).
     #[arg(long, env = "ETCD_SHIM_BROKER_LISTEN", default_value = "0.0.0.0:2379")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// PEM certificate chain the gRPC port serves; reloaded when it changes (new
     /// connections get the new one; broken material is refused and the old one stays).
     #[arg(
@@ -63,7 +62,7 @@ pub struct Args {
         env = "ETCD_SHIM_BROKER_ADMIN_LISTEN",
         default_value = "127.0.0.1:9380"
     )]
-    admin_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
     /// etcd client URLs, comma-separated.
     #[arg(
         long,
@@ -230,27 +229,7 @@ impl Args {
     }
 }
 
-/// The broker's two ports, bound before it starts (tests bind `127.0.0.1:0`).
-#[derive(Debug)]
-pub struct Listeners {
-    /// The gRPC API that shims call (`--listen`).
-    pub grpc: TcpListener,
-    /// `/metrics`, `/live` and `/ready` (`--admin-listen`).
-    pub admin: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the addresses the flags name.
-    pub async fn bind(args: &Args) -> anyhow::Result<Self> {
-        let admin = TcpListener::bind(args.admin_listen)
-            .await
-            .with_context(|| format!("binding admin address {}", args.admin_listen))?;
-        let grpc = TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        Ok(Self { grpc, admin })
-    }
-}
+pub use etcd_shim_core::serve::Listeners;
 
 /// Runs the broker on `listeners` until `shutdown` is triggered, then drains calls for
 /// up to `--drain-timeout`. Errors are what stops it from starting (flags, files,
@@ -316,7 +295,7 @@ pub async fn run(args: Args, listeners: Listeners, shutdown: Shutdown) -> anyhow
     let readiness = Readiness::new();
     readiness.register("etcd");
     let Listeners {
-        grpc: listener,
+        api: listener,
         admin: admin_listener,
     } = listeners;
     tokio::spawn(admin::serve(

@@ -15,7 +15,7 @@ async fn main() -> std::process::ExitCode {
     let shutdown = Shutdown::new();
     let signals = shutdown.clone();
     tokio::spawn(async move { signals.on_signal().await });
-    let res = match Listeners::bind(&args).await {
+    let res = match Listeners::bind(args.listen, args.admin_listen).await {
         Ok(listeners) => cli::run(args, listeners, shutdown).await,
         Err(e) => Err(e),
     };

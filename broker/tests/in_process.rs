@@ -13,7 +13,6 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use etcd_shim_broker::{Args, Listeners};
 use etcd_shim_core::shutdown::Shutdown;
 use etcd_shim_e2e::Etcd;
-use tokio::net::TcpListener;
 
 /// etcd, and the broker in front of it with tenants `team-a/app` and `team-b/app`.
 struct Running {
@@ -45,11 +44,9 @@ impl Running {
             "--etcd-endpoints",
             &etcd.url,
         ])?;
-        let listeners = Listeners {
-            grpc: TcpListener::bind("127.0.0.1:0").await?,
-            admin: TcpListener::bind("127.0.0.1:0").await?,
-        };
-        let (grpc, admin) = (listeners.grpc.local_addr()?, listeners.admin.local_addr()?);
+        let any = "127.0.0.1:0".parse()?;
+        let listeners = Listeners::bind(any, any).await?;
+        let (grpc, admin) = (listeners.api.local_addr()?, listeners.admin.local_addr()?);
         let shutdown = Shutdown::new();
         let task = tokio::spawn(etcd_shim_broker::run(args, listeners, shutdown.clone()));
         Ok(Self {

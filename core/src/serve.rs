@@ -269,6 +269,33 @@ impl Drop for OpenGuard {
     }
 }
 
+/// A component's two ports, bound before it starts, so that tests can bind
+/// `127.0.0.1:0` and read the addresses back.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where the component serves its API (the broker's gRPC, the shim's etcd).
+    pub api: TcpListener,
+    /// `/metrics`, `/live` and `/ready`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `api` and `admin`; an error names the address that could not be bound.
+    pub async fn bind(api: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let api_listener = TcpListener::bind(api)
+            .await
+            .with_context(|| format!("binding {api}"))?;
+        let admin = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("binding admin address {admin}"))?;
+        Ok(Self {
+            api: api_listener,
+            admin,
+        })
+    }
+}
+
 /// A TCP connection in the clear or under TLS: an accepted one (after the handshake, if
 /// the server has TLS), or with `T` the client's side, a dialled one.
 pub enum Stream<T = TlsStream<TcpStream>> {

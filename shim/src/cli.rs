@@ -13,7 +13,6 @@ use clap::Parser;
 use etcd_shim_core::admin::{self, AdminState, Readiness};
 use etcd_shim_core::logging::LogFormat;
 use etcd_shim_core::shutdown::Shutdown;
-use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
 #[command(name = "etcd-shim", version, about, subcommand_negates_reqs = true)]
@@ -22,7 +21,7 @@ pub struct Args {
     pub command: Option<Command>,
     /// Address the app's etcd client connects to.
     #[arg(long, env = "ETCD_SHIM_SHIM_LISTEN", default_value = "127.0.0.1:2379")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Address for /metrics, /live and /ready.
     #[arg(
         long,
@@ -87,27 +86,7 @@ pub enum Command {
     },
 }
 
-/// The shim's two ports, bound before it starts (tests bind `127.0.0.1:0`).
-#[derive(Debug)]
-pub struct Listeners {
-    /// Where the app's etcd client connects (`--listen`).
-    pub app: TcpListener,
-    /// `/metrics`, `/live` and `/ready` (`--admin-listen`).
-    pub admin: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the addresses the flags name.
-    pub async fn bind(args: &Args) -> anyhow::Result<Self> {
-        let app = TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let admin = TcpListener::bind(args.admin_listen)
-            .await
-            .with_context(|| format!("binding admin address {}", args.admin_listen))?;
-        Ok(Self { app, admin })
-    }
-}
+pub use etcd_shim_core::serve::Listeners;
 
 /// Runs the shim on `listeners` until `shutdown` is triggered, then drains the app's
 /// calls for up to `--drain-timeout`.
@@ -122,7 +101,7 @@ pub async fn run(args: Args, listeners: Listeners, shutdown: Shutdown) -> anyhow
         shutdown.token(),
     );
     let Listeners {
-        app: listener,
+        api: listener,
         admin: admin_listener,
     } = listeners;
     let advertise = listener.local_addr()?;
