@@ -1,30 +1,15 @@
 //! etcd-shim-broker: confines each pod's etcd calls to its tenant prefix.
 
 use clap::Parser;
-use etcd_shim_broker::cli::{self, Args, Listeners};
-use etcd_shim_core::logging;
-use etcd_shim_core::shutdown::Shutdown;
+use etcd_shim_broker::cli::{self, Args};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Err(e) = logging::init(args.log_format, &args.log_level) {
-        eprintln!("error: {e:#}");
-        return std::process::ExitCode::from(2);
-    }
-    let shutdown = Shutdown::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move { signals.on_signal().await });
-    let res = match Listeners::bind(args.listen, args.admin_listen).await {
-        Ok(listeners) => cli::run(args, listeners, shutdown).await,
-        Err(e) => Err(e),
-    };
-    match res {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let (format, level) = (args.log_format, args.log_level.clone());
+    let (api, admin) = (args.listen, args.admin_listen);
+    etcd_shim_core::process::main(format, &level, api, admin, |listeners, shutdown| {
+        cli::run(args, listeners, shutdown)
+    })
+    .await
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod follow;
 pub mod logging;
+pub mod process;
 pub mod serve;
 pub mod shutdown;
 pub mod tls;

@@ -2,9 +2,7 @@
 //! broker with the pod's service-account token.
 
 use clap::Parser;
-use etcd_shim::cli::{self, Args, Command, Listeners};
-use etcd_shim_core::logging;
-use etcd_shim_core::shutdown::Shutdown;
+use etcd_shim::cli::{self, Args, Command};
 
 // One thread: a sidecar forwarding bytes for one app needs less than a core, and every
 // extra worker thread costs the pod memory (its stack and its own malloc arena) and
@@ -22,23 +20,10 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    if let Err(e) = logging::init(args.log_format, &args.log_level) {
-        eprintln!("error: {e:#}");
-        return std::process::ExitCode::from(2);
-    }
-    let shutdown = Shutdown::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move { signals.on_signal().await });
-    let res = match Listeners::bind(args.listen, args.admin_listen).await {
-        Ok(listeners) => cli::run(args, listeners, shutdown).await,
-        Err(e) => Err(e),
-    };
-    match res {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let (format, level) = (args.log_format, args.log_level.clone());
+    let (api, admin) = (args.listen, args.admin_listen);
+    etcd_shim_core::process::main(format, &level, api, admin, |listeners, shutdown| {
+        cli::run(args, listeners, shutdown)
+    })
+    .await
 }
