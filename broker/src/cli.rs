@@ -175,6 +175,12 @@ pub struct Args {
     /// etcd and need no division. See docs/broker-config.md#limits-across-replicas.
     #[arg(long, env = "ETCD_SHIM_BROKER_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     replicas: u32,
+    /// Threads that serve calls. 1 (the default) runs the whole broker on one thread,
+    /// which costs the least CPU per call: no call moves between threads. Scale out with
+    /// replicas, or give more threads to use more cores in one process; 0 means one per
+    /// CPU.
+    #[arg(long, env = "ETCD_SHIM_BROKER_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// How long open calls may take to finish after SIGTERM.
     #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = etcd_shim_core::parse_duration)]
     drain_timeout: Duration,
@@ -198,6 +204,21 @@ enum AuthMode {
 }
 
 impl Args {
+    /// The runtime `--worker-threads` asks for: tokio's single-threaded one for 1, its
+    /// multi-threaded one otherwise.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.worker_threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            0 => tokio::runtime::Builder::new_multi_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        };
+        builder.enable_all().build()
+    }
+
     /// The default backend's client TLS files, if any is given.
     fn etcd_tls(&self) -> Option<ClientTlsFiles> {
         let files = ClientTlsFiles {

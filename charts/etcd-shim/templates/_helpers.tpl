@@ -317,6 +317,7 @@ templates/broker/deployment.yaml.
 - {{ print "--advertise-client-urls=" (join "," .) | quote }}
 {{- end }}
 - {{ print "--drain-timeout=" $b.drainTimeout | quote }}
+- {{ print "--worker-threads=" $b.workerThreads | quote }}
 {{- /* Each replica enforces its share of the per-replica limits (docs/broker-config.md). */}}
 - {{ print "--replicas=" $b.replicaCount | quote }}
 - {{ print "--log-format=" $b.logFormat | quote }}
