@@ -14,7 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 
-use crate::stats::Sample;
+use crate::stats::{Cost, Sample};
+use crate::usage::{self, Counters};
 
 /// Keys read and written at random.
 const KEYS: usize = 1000;
@@ -168,9 +169,12 @@ struct Task {
 /// measured. Operations started in the measured window count; throughput is over the
 /// time until the last of them finished. Every task completes at least one measured
 /// operation, so an overloaded endpoint shows as slow rather than as missing.
+/// Runs `w` on `clients`, and measures what the processes `serving` spent on it over the
+/// measuring window (CPU and context switches per operation).
 pub async fn run(
     w: Workload,
     clients: &[Client],
+    serving: &[u32],
     warmup: Duration,
     duration: Duration,
 ) -> Result<Sample> {
@@ -204,6 +208,20 @@ pub async fn run(
             anyhow::Ok((lat, last))
         });
     }
+    let read = || {
+        serving
+            .iter()
+            .map(|&pid| usage::counters(pid))
+            .collect::<Result<Vec<_>>>()
+    };
+    tokio::time::sleep_until(measure_from.into()).await;
+    let before = read()?;
+    tokio::time::sleep_until(end.into()).await;
+    let spent: Vec<Counters> = read()?
+        .into_iter()
+        .zip(before)
+        .map(|(a, b)| a - b)
+        .collect();
     let mut all = Vec::new();
     let mut last = measure_from + duration;
     while let Some(r) = set.join_next().await {
@@ -211,7 +229,15 @@ pub async fn run(
         all.extend(lat);
         last = last.max(done);
     }
-    Ok(Sample::from_latencies(all, last - measure_from))
+    let mut sample = Sample::from_latencies(all, last - measure_from);
+    let ops = sample.ops.max(1) as f64;
+    for (cost, c) in sample.cost.iter_mut().zip(spent) {
+        *cost = Cost {
+            cpu_us: c.cpu_ns as f64 / 1e3 / ops,
+            switches: c.switches as f64 / ops,
+        };
+    }
+    Ok(sample)
 }
 
 async fn one(op: Op, c: &mut Client, t: &mut Task) -> Result<()> {

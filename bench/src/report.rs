@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::fairness::FairnessResult;
 use crate::injector::InjectorResult;
 use crate::scale::ScaleResult;
-use crate::stack::{DIRECT, PROXY, SHIM};
-use crate::stats::Sample;
+use crate::stack::{DIRECT, FLOORS, PROXY, SHIM, TWO_H2_RELAYS};
+use crate::stats::{Cost, Sample};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -49,6 +49,8 @@ pub struct WorkloadResult {
 #[derive(Debug, Serialize)]
 pub struct EndpointResult {
     pub endpoint: String,
+    /// How many processes serve it (the entries of `median.cost` that count).
+    pub processes: usize,
     pub median: Sample,
     /// Median throughput over direct etcd's.
     pub ratio: f64,
@@ -56,19 +58,25 @@ pub struct EndpointResult {
 }
 
 impl WorkloadResult {
-    pub fn new(name: &str, concurrency: usize, per_endpoint: Vec<(&str, Vec<Sample>)>) -> Self {
-        let medians: Vec<(String, Sample, Vec<Sample>)> = per_endpoint
+    /// `per_endpoint`: name, number of serving processes, and one sample per round.
+    pub fn new(
+        name: &str,
+        concurrency: usize,
+        per_endpoint: Vec<(&str, usize, Vec<Sample>)>,
+    ) -> Self {
+        let medians: Vec<(String, usize, Sample, Vec<Sample>)> = per_endpoint
             .into_iter()
-            .map(|(e, rounds)| (e.to_owned(), Sample::median(&rounds), rounds))
+            .map(|(e, n, rounds)| (e.to_owned(), n, Sample::median(&rounds), rounds))
             .collect();
         let direct = medians
             .iter()
-            .find(|(e, _, _)| e == DIRECT)
-            .map(|(_, s, _)| s.ops_per_sec)
+            .find(|(e, _, _, _)| e == DIRECT)
+            .map(|(_, _, s, _)| s.ops_per_sec)
             .unwrap_or(0.0);
         let endpoints = medians
             .into_iter()
-            .map(|(endpoint, median, rounds)| EndpointResult {
+            .map(|(endpoint, processes, median, rounds)| EndpointResult {
+                processes,
                 ratio: if direct > 0.0 {
                     median.ops_per_sec / direct
                 } else {
@@ -112,6 +120,30 @@ pub struct Target {
     pub met: Option<bool>,
 }
 
+/// One figure per serving process, client side first, and their sum when there are
+/// several: `120 + 200 = 320 µs`. Empty for direct etcd.
+fn per_process(costs: &[Cost], f: fn(&Cost) -> f64, unit: &str, decimals: usize) -> String {
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    let parts: Vec<String> = costs
+        .iter()
+        .map(|c| format!("{:.*}", decimals, f(c)))
+        .collect();
+    match parts.len() {
+        0 => String::new(),
+        1 => format!("{}{unit}", parts[0]),
+        _ => format!(
+            "{} = {:.*}{unit}",
+            parts.join(" + "),
+            decimals,
+            f(&Cost::total(costs))
+        ),
+    }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -133,8 +165,9 @@ impl Report {
         let _ = writeln!(
             s,
             "etcd-shim (client -> shim -> broker -> etcd) against direct etcd and etcd's own \
-             `grpc-proxy` with `--namespace` (client -> proxy -> etcd), measured on the same \
-             machine in one run. The workloads alternate between the three endpoints, round \
+             `grpc-proxy` with `--namespace` (client -> proxy -> etcd), with floors beside \
+             them (relays that do nothing else, [below](#what-a-hop-costs)), measured on the \
+             same machine in one run. The workloads alternate between the endpoints, round \
              after round, and each figure is the median across rounds. Ratios are throughput \
              over direct etcd's in the same run.\n"
         );
@@ -169,16 +202,27 @@ impl Report {
         }
         let _ = writeln!(s);
 
+        self.hops(&mut s);
+
         let _ = writeln!(s, "## Workloads\n");
         for w in &self.workloads {
             let _ = writeln!(s, "### {}\n", w.name);
-            let _ = writeln!(s, "| endpoint | ops/s | p50 | p99 | ratio to direct |");
-            let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+            let _ = writeln!(
+                s,
+                "| endpoint | ops/s | p50 | p99 | ratio to direct | CPU per request | context switches per request |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
             for e in &w.endpoints {
                 let _ = writeln!(
                     s,
-                    "| {} | {:.0} | {:.3} ms | {:.3} ms | {:.2}x |",
-                    e.endpoint, e.median.ops_per_sec, e.median.p50_ms, e.median.p99_ms, e.ratio
+                    "| {} | {:.0} | {:.3} ms | {:.3} ms | {:.2}x | {} | {} |",
+                    e.endpoint,
+                    e.median.ops_per_sec,
+                    e.median.p50_ms,
+                    e.median.p99_ms,
+                    e.ratio,
+                    per_process(&e.median.cost[..e.processes], |c| c.cpu_us, "µs", 0),
+                    per_process(&e.median.cost[..e.processes], |c| c.switches, "", 1),
                 );
             }
             let _ = writeln!(s);
@@ -348,10 +392,55 @@ impl Report {
         s
     }
 
+    /// What each hop costs on put, beside the floors: relays that do nothing else.
+    fn hops(&self, s: &mut String) {
+        let find = |name: &str| self.workloads.iter().find(|w| w.name == name);
+        let (Some(c1), Some(c100)) = (find("put c1"), find("put c100")) else {
+            return;
+        };
+        let Some(direct) = c1.get(DIRECT) else {
+            return;
+        };
+        let _ = writeln!(s, "## What a hop costs\n");
+        let _ = writeln!(
+            s,
+            "Put (256-byte values) through each endpoint, from the workloads below. The floors \
+             are `etcd-shim-bench-relay` processes that only relay, on one thread each as \
+             the shim and the broker run: a TCP relay copies bytes, an HTTP/2 relay \
+             terminates HTTP/2 and sends each request on over one connection to etcd \
+             without decoding it. etcd-shim today is two HTTP/2 hops (shim, broker), so its \
+             floor is two HTTP/2 relays; a shim that relays bytes would make it a TCP and an \
+             HTTP/2 hop. CPU and context switches are per request, of every process between \
+             the client and etcd, client side first (`/proc/<pid>/task/*/schedstat` and \
+             `status` over the measuring window).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| endpoint | added p50, c1 | CPU per request, c1 | switches per request, c1 | ratio, c100 | CPU per request, c100 |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+        for name in FLOORS.iter().chain(&[PROXY, SHIM]) {
+            let (Some(a), Some(b)) = (c1.get(name), c100.get(name)) else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:+.3} ms | {} | {} | {:.2}x | {} |",
+                name,
+                a.median.p50_ms - direct.median.p50_ms,
+                per_process(&a.median.cost[..a.processes], |c| c.cpu_us, "µs", 0),
+                per_process(&a.median.cost[..a.processes], |c| c.switches, "", 1),
+                b.ratio,
+                per_process(&b.median.cost[..b.processes], |c| c.cpu_us, "µs", 0),
+            );
+        }
+        let _ = writeln!(s);
+    }
+
     /// A bar chart of throughput ratios: one row per workload, a bar per non-direct
     /// endpoint, a line at 1.0x (direct etcd).
     pub fn svg(&self) -> String {
-        let (label_w, bar_w, row_h, top) = (300.0, 420.0, 26.0, 40.0);
+        let (label_w, bar_w, row_h, top) = (300.0, 420.0, 36.0, 40.0);
         let max = self
             .workloads
             .iter()
@@ -370,9 +459,13 @@ impl Report {
             s,
             r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="18" font-size="14">Throughput relative to direct etcd (1.0x)</text>"#
         );
-        let colors = [(PROXY, "#8c8c8c"), (SHIM, "#2b6cb0")];
+        let colors = [
+            (PROXY, "#8c8c8c"),
+            (SHIM, "#2b6cb0"),
+            (TWO_H2_RELAYS, "#d69e2e"),
+        ];
         for (i, (name, color)) in colors.iter().enumerate() {
-            let lx = label_w + 160.0 * i as f64;
+            let lx = label_w + 140.0 * i as f64;
             let _ = writeln!(
                 s,
                 r#"<rect x="{lx}" y="24" width="10" height="10" fill="{color}"/><text x="{}" y="33">{name}</text>"#,

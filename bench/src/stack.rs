@@ -18,11 +18,22 @@ pub const TENANT: &str = "bench/default";
 pub struct Endpoint {
     pub name: &'static str,
     pub url: String,
+    /// The processes between the client and etcd, client side first: what each costs
+    /// per request is measured.
+    pub serving: Vec<u32>,
 }
 
 pub const DIRECT: &str = "direct etcd";
 pub const PROXY: &str = "etcd grpc-proxy";
 pub const SHIM: &str = "etcd-shim";
+/// The floors: hops that only relay (`etcd-shim-bench-relay`), what any proxy of that
+/// shape costs at least. etcd-shim today is two HTTP/2 hops (shim, broker).
+pub const TCP_RELAY: &str = "floor: TCP relay";
+pub const H2_RELAY: &str = "floor: HTTP/2 relay";
+pub const TCP_H2_RELAYS: &str = "floor: TCP + HTTP/2 relays";
+pub const TWO_H2_RELAYS: &str = "floor: 2 HTTP/2 relays";
+/// The endpoints that are floors, in the order they are listed.
+pub const FLOORS: [&str; 4] = [TCP_RELAY, H2_RELAY, TCP_H2_RELAYS, TWO_H2_RELAYS];
 
 pub struct Stack {
     pub etcd: Etcd,
@@ -31,6 +42,8 @@ pub struct Stack {
     pub broker: Broker,
     pub shim: Proc,
     pub shim_url: String,
+    /// The floors, each a chain of relays in front of etcd, client side first.
+    pub floors: Vec<(&'static str, Vec<Relay>)>,
     /// Holds the shim's token file and logs.
     _dir: tempfile::TempDir,
 }
@@ -43,6 +56,25 @@ impl Stack {
         let broker = Broker::start_with(&[&etcd.url], &[(TOKEN, TENANT)], QUIET)
             .context("starting the broker")?;
         let (shim, shim_url) = start_shim(broker.port, TOKEN, "shim", dir.path())?;
+        let etcd_addr = etcd.url.trim_start_matches("http://").to_owned();
+        let mut floors = Vec::new();
+        for (name, modes) in [
+            (TCP_RELAY, &["tcp"][..]),
+            (H2_RELAY, &["h2"]),
+            (TCP_H2_RELAYS, &["tcp", "h2"]),
+            (TWO_H2_RELAYS, &["h2", "h2"]),
+        ] {
+            // Started etcd side first, so each relay has its upstream.
+            let mut chain = Vec::new();
+            let mut upstream = etcd_addr.clone();
+            for (i, mode) in modes.iter().enumerate().rev() {
+                let relay = Relay::start(mode, &upstream, &format!("relay-{i}-{mode}"), dir.path())
+                    .with_context(|| format!("starting the {mode} relay of {name}"))?;
+                upstream = relay.addr.clone();
+                chain.insert(0, relay);
+            }
+            floors.push((name, chain));
+        }
         Ok(Self {
             etcd,
             proxy,
@@ -50,26 +82,38 @@ impl Stack {
             broker,
             shim,
             shim_url,
+            floors,
             _dir: dir,
         })
     }
 
-    /// The three endpoints, in the order they are first measured.
+    /// Every endpoint, in the order they are first measured.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        vec![
+        let mut endpoints = vec![
             Endpoint {
                 name: DIRECT,
                 url: self.etcd.url.clone(),
+                serving: vec![],
             },
             Endpoint {
                 name: PROXY,
                 url: self.proxy_url.clone(),
+                serving: vec![self.proxy.pid()],
             },
             Endpoint {
                 name: SHIM,
                 url: self.shim_url.clone(),
+                serving: vec![self.shim.pid(), self.broker.proc.pid()],
             },
-        ]
+        ];
+        for (name, chain) in &self.floors {
+            endpoints.push(Endpoint {
+                name,
+                url: format!("http://{}", chain[0].addr),
+                serving: chain.iter().map(|r| r.proc.pid()).collect(),
+            });
+        }
+        endpoints
     }
 
     /// Fails if any process died during the run, so no figure comes from a dead server.
@@ -79,7 +123,13 @@ impl Stack {
             ("grpc-proxy", &mut self.proxy),
             ("broker", &mut self.broker.proc),
             ("shim", &mut self.shim),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            self.floors
+                .iter_mut()
+                .flat_map(|(_, chain)| chain.iter_mut().map(|r| ("relay", &mut r.proc))),
+        ) {
             if !p.is_running() {
                 bail!("{name} exited during the benchmark: {}", p.log());
             }
@@ -136,4 +186,32 @@ pub fn start_shim(broker_port: u16, token: &str, name: &str, dir: &Path) -> Resu
         bail!("shim exited: {}", proc.log());
     }
     Ok((proc, format!("http://127.0.0.1:{port}")))
+}
+
+/// One `etcd-shim-bench-relay` process: `tcp` or `h2` from a free loopback port to
+/// `upstream`.
+pub struct Relay {
+    pub proc: Proc,
+    pub addr: String,
+}
+
+impl Relay {
+    fn start(mode: &str, upstream: &str, name: &str, dir: &Path) -> Result<Self> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let exe = std::env::current_exe()?.with_file_name("etcd-shim-bench-relay");
+        let mut cmd = Command::new(&exe);
+        cmd.args([mode, &addr, upstream]);
+        let mut proc =
+            Proc::spawn(name, cmd, dir).with_context(|| format!("running {}", exe.display()))?;
+        wait_for("the relay to listen", Duration::from_secs(10), || {
+            if !proc.is_running() {
+                return Some(false);
+            }
+            std::net::TcpStream::connect(&addr).ok().map(|_| true)
+        })?;
+        if !proc.is_running() {
+            bail!("relay exited: {}", proc.log());
+        }
+        Ok(Self { proc, addr })
+    }
 }

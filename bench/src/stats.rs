@@ -12,6 +12,28 @@ pub struct Sample {
     pub p99_ms: f64,
     /// Operations (or delivered watch events) measured.
     pub ops: u64,
+    /// What each process serving the endpoint spent per operation, in the order the
+    /// endpoint lists them (none for direct etcd; zero where not measured).
+    pub cost: [Cost; MAX_PROCESSES],
+}
+
+/// The most processes an endpoint puts between the client and etcd.
+pub const MAX_PROCESSES: usize = 2;
+
+/// CPU time and context switches per operation of one process.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cost {
+    pub cpu_us: f64,
+    pub switches: f64,
+}
+
+impl Cost {
+    pub fn total(costs: &[Cost]) -> Cost {
+        costs.iter().fold(Cost::default(), |a, c| Cost {
+            cpu_us: a.cpu_us + c.cpu_us,
+            switches: a.switches + c.switches,
+        })
+    }
 }
 
 impl Sample {
@@ -24,6 +46,7 @@ impl Sample {
             p50_ms: percentile(&nanos, 0.50) as f64 / 1e6,
             p99_ms: percentile(&nanos, 0.99) as f64 / 1e6,
             ops: nanos.len() as u64,
+            cost: [Cost::default(); MAX_PROCESSES],
         }
     }
 
@@ -35,6 +58,10 @@ impl Sample {
             p50_ms: pick(|s| s.p50_ms),
             p99_ms: pick(|s| s.p99_ms),
             ops: median(rounds.iter().map(|s| s.ops as f64).collect()) as u64,
+            cost: std::array::from_fn(|i| Cost {
+                cpu_us: median(rounds.iter().map(|s| s.cost[i].cpu_us).collect()),
+                switches: median(rounds.iter().map(|s| s.cost[i].switches).collect()),
+            }),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Resource usage of a process, read from `/proc/<pid>`: resident memory and CPU time.
+//! Resource usage of a process, read from `/proc/<pid>`: resident memory, CPU time and
+//! context switches.
 
 use anyhow::{Context, Result, anyhow};
 
@@ -54,6 +55,60 @@ fn parse_stat(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / TICKS_PER_SEC)
 }
 
+/// What a process's threads have used so far: CPU time to the nanosecond, from the
+/// scheduler's own accounting (`/proc/<pid>/task/<tid>/schedstat`), and context switches,
+/// voluntary (a thread waited) and not (it was preempted). Threads that exited are not in
+/// it, so take differences over windows in which the process keeps its threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub cpu_ns: u64,
+    pub switches: u64,
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, before: Counters) -> Counters {
+        Counters {
+            cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+/// [`Counters`] of `pid`, summed over its threads.
+pub fn counters(pid: u32) -> Result<Counters> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = Counters::default();
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path();
+        // A thread may exit between the listing and the read; it has nothing left to add.
+        let (Ok(sched), Ok(status)) = (
+            std::fs::read_to_string(path.join("schedstat")),
+            std::fs::read_to_string(path.join("status")),
+        ) else {
+            continue;
+        };
+        let t = parse_task(&sched, &status)
+            .ok_or_else(|| anyhow!("malformed schedstat or status in {}", path.display()))?;
+        total.cpu_ns += t.cpu_ns;
+        total.switches += t.switches;
+    }
+    Ok(total)
+}
+
+fn parse_task(schedstat: &str, status: &str) -> Option<Counters> {
+    let cpu_ns = schedstat.split_whitespace().next()?.parse().ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some(Counters {
+        cpu_ns,
+        switches: field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +130,42 @@ mod tests {
     fn stat_cpu_after_odd_names() {
         let s = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1 2 3";
         assert_eq!(parse_stat(s), Some(3.0));
+    }
+
+    #[test]
+    fn task_counters() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(
+            parse_task("1500 20 7\n", status),
+            Some(Counters {
+                cpu_ns: 1500,
+                switches: 15
+            })
+        );
+        assert_eq!(parse_task("", status), None);
+        assert_eq!(parse_task("1 2 3", "Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn own_threads_add_up() {
+        let me = std::process::id();
+        let before = counters(me).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        // A fixed amount of work, not of wall time: a loaded machine may not run it soon.
+        let worker = std::thread::spawn(move || {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+            done.send(x).unwrap();
+            // Alive while it is counted: an exited thread leaves the task list.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        finished.recv().unwrap();
+        let used = counters(me).unwrap() - before;
+        assert!(used.cpu_ns >= 2_000_000, "{used:?}");
+        assert!(used.switches >= 1, "{used:?}");
+        worker.join().unwrap();
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The benchmark's smoke mode against real etcd, grpc-proxy, broker, shim and injector: it
-//! must produce a complete report, with every workload measured on all three endpoints and
-//! the injector's admission latency.
+//! The benchmark's smoke mode against real etcd, grpc-proxy, broker, shim, the floor relays
+//! and the injector: it must produce a complete report, with every workload measured on
+//! every endpoint, what each serving process spent per request, and the injector's
+//! admission latency.
 
 use std::process::Command;
 use std::time::Duration;
@@ -9,10 +10,19 @@ use anyhow::{Context, Result, ensure};
 use etcd_shim_e2e::run_bounded;
 use serde_json::Value;
 
-const ENDPOINTS: [&str; 3] = ["direct etcd", "etcd grpc-proxy", "etcd-shim"];
+/// Each endpoint, with the processes that serve it.
+const ENDPOINTS: [(&str, usize); 7] = [
+    ("direct etcd", 0),
+    ("etcd grpc-proxy", 1),
+    ("etcd-shim", 2),
+    ("floor: TCP relay", 1),
+    ("floor: HTTP/2 relay", 1),
+    ("floor: TCP + HTTP/2 relays", 2),
+    ("floor: 2 HTTP/2 relays", 2),
+];
 
 #[test]
-fn quick_run_reports_all_three_endpoints() -> Result<()> {
+fn quick_run_reports_every_endpoint_and_what_each_hop_costs() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (md, json) = (dir.path().join("BENCH.md"), dir.path().join("bench.json"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-shim-bench"));
@@ -40,8 +50,25 @@ fn quick_run_reports_all_three_endpoints() -> Result<()> {
             .iter()
             .filter_map(|e| e["endpoint"].as_str())
             .collect();
-        assert_eq!(got, ENDPOINTS, "{name}");
-        for e in w["endpoints"].as_array().context("endpoints")? {
+        let want: Vec<&str> = ENDPOINTS.iter().map(|(e, _)| *e).collect();
+        assert_eq!(got, want, "{name}");
+        let fanout = name.starts_with("watch fan-out");
+        for (e, (_, processes)) in w["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .zip(ENDPOINTS)
+        {
+            assert_eq!(
+                e["processes"].as_u64(),
+                Some(processes as u64),
+                "{name}: {e}"
+            );
+            // Every process between the client and etcd did work for each request.
+            for i in 0..processes {
+                let cpu = e["median"]["cost"][i]["cpu_us"].as_f64().unwrap_or(0.0);
+                assert!(fanout || cpu > 0.0, "{name}: process {i}: {e}");
+            }
             let m = &e["median"];
             let (ops, p50, p99) = (
                 m["ops_per_sec"].as_f64().unwrap_or(0.0),
@@ -94,6 +121,7 @@ fn quick_run_reports_all_three_endpoints() -> Result<()> {
     let text = std::fs::read_to_string(&md)?;
     for heading in [
         "## Targets",
+        "## What a hop costs",
         "## Workloads",
         "## Memory",
         "## Broker scale",
@@ -105,8 +133,14 @@ fn quick_run_reports_all_three_endpoints() -> Result<()> {
         let name = w["name"].as_str().unwrap_or_default();
         assert!(text.contains(&format!("### {name}")), "{name} missing");
     }
-    for e in ENDPOINTS {
+    for (e, _) in ENDPOINTS {
         assert!(text.contains(&format!("| {e} |")), "{e} missing");
+    }
+    for target in [
+        "put c1: CPU per request, shim + broker",
+        "put c100: throughput",
+    ] {
+        assert!(text.contains(&format!("| {target} |")), "{target} missing");
     }
     let row = format!("| 200/s for 1 s | {achieved:.1}/s | 200 | {p50:.3} ms | {p99:.3} ms |");
     assert!(text.contains(&row), "injector row {row:?} missing:\n{text}");
