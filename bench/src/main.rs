@@ -3,6 +3,7 @@
 //! injector's admission latency, and writes BENCHMARKS.md.
 
 mod fairness;
+mod gobench;
 mod injector;
 mod load;
 mod report;
@@ -84,6 +85,10 @@ struct Args {
     /// Overrides the sizes above.
     #[arg(long, env = "ETCD_SHIM_BENCH_QUICK")]
     quick: bool,
+    /// etcd's own load generator (`tools/benchmark`, scripts/etcd builds it), run as a
+    /// second generator beside the Rust one; without it, only the Rust one runs.
+    #[arg(long, env = "ETCD_SHIM_BENCH_GO_BENCHMARK")]
+    go_benchmark: Option<PathBuf>,
     /// Where to write the report (Markdown); the chart goes beside it as `<name>.svg`.
     #[arg(long, env = "ETCD_SHIM_BENCH_OUT", default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -220,6 +225,12 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
     // results[workload][endpoint] = one sample per round
     let mut results: Vec<Vec<Vec<Sample>>> =
         vec![vec![Vec::new(); endpoints.len()]; workloads.len() + 1];
+    let mut go_workloads = gobench::workloads();
+    if args.quick {
+        go_workloads.iter_mut().for_each(|w| w.total /= 20);
+    }
+    let mut go_rounds: Vec<Vec<Vec<f64>>> =
+        vec![vec![Vec::new(); endpoints.len()]; go_workloads.len()];
     for round in 0..args.rounds {
         for (wi, w) in workloads.iter().enumerate() {
             // Rotate who goes first, so no endpoint always runs right after another's load.
@@ -269,6 +280,28 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
             results[workloads.len()][ei].push(s);
         }
         stack.check_alive()?;
+        if let Some(tool) = &args.go_benchmark {
+            let tool = tool.to_string_lossy();
+            for (gi, w) in go_workloads.iter().enumerate() {
+                for k in 0..endpoints.len() {
+                    let ei = (k + round + gi) % endpoints.len();
+                    let e = &endpoints[ei];
+                    let addr = e.url.trim_start_matches("http://");
+                    let ops = tokio::task::block_in_place(|| gobench::run(&tool, w, addr))
+                        .with_context(|| format!("etcd benchmark {} against {}", w.name, e.name))?;
+                    eprintln!(
+                        "round {}/{} {:<40} {:<26} {:>9.0} ops/s  (etcd's benchmark tool)",
+                        round + 1,
+                        args.rounds,
+                        w.name,
+                        e.name,
+                        ops
+                    );
+                    go_rounds[gi][ei].push(ops);
+                }
+            }
+            stack.check_alive()?;
+        }
     }
     sampler.abort();
     drop(clients);
@@ -314,6 +347,16 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
             .map(|(e, rounds)| (e.name, e.serving.len(), rounds))
             .collect();
         workload_results.push(WorkloadResult::new(&name, concurrency, per));
+    }
+    let names: Vec<&str> = endpoints.iter().map(|e| e.name).collect();
+    let direct = names.iter().position(|n| *n == DIRECT).unwrap_or(0);
+    let mut go = Vec::new();
+    if args.go_benchmark.is_some() {
+        for (w, rounds) in go_workloads.iter().zip(go_rounds) {
+            let rust = workload_results.iter().find(|r| r.name == w.name);
+            let rust_ratio = |e: &str| rust.and_then(|r| r.get(e)).map_or(0.0, |r| r.ratio);
+            go.extend(gobench::results(w.name, &names, rounds, direct, rust_ratio));
+        }
     }
 
     let mut scale = Vec::new();
@@ -375,6 +418,25 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
 
     let shim_binary_bytes = std::fs::metadata(etcd_shim_e2e::bin("etcd-shim"))?.len();
     let mut targets = targets(&workload_results, &memory, &scale, &fanout);
+    let apart = go
+        .iter()
+        .filter(|g| g.endpoint != DIRECT)
+        .max_by(|a, b| a.disagreement().total_cmp(&b.disagreement()));
+    targets.push(Target {
+        what: "Rust and Go load generators agree on every ratio".into(),
+        wanted: "within 10%".into(),
+        measured: apart
+            .map(|g| {
+                format!(
+                    "at most {:.0}% apart ({}, {})",
+                    g.disagreement() * 100.0,
+                    g.endpoint,
+                    g.workload
+                )
+            })
+            .unwrap_or_default(),
+        met: apart.map(|g| g.disagreement() <= 0.10),
+    });
     targets.push(Target {
         what: "fairness: well-behaved p99 beside an aggressive tenant".into(),
         wanted: "<= 2x alone, no errors".into(),
@@ -457,6 +519,7 @@ async fn measure(args: &Args, stack: &mut Stack) -> Result<Report> {
         scale,
         injector,
         fairness,
+        go,
         targets,
     })
 }

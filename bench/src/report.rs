@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::fairness::FairnessResult;
+use crate::gobench::GoResult;
 use crate::injector::InjectorResult;
 use crate::scale::ScaleResult;
 use crate::stack::{DIRECT, FLOORS, PROXY, SHIM, TWO_H2_RELAYS};
@@ -26,6 +27,8 @@ pub struct Report {
     pub injector: Option<InjectorResult>,
     /// None when the run skipped it (`--fairness-duration 0`).
     pub fairness: Option<FairnessResult>,
+    /// etcd's benchmark tool beside the Rust generator; empty when not run.
+    pub go: Vec<GoResult>,
     pub targets: Vec<Target>,
 }
 
@@ -227,6 +230,8 @@ impl Report {
             }
             let _ = writeln!(s);
         }
+
+        self.second_generator(&mut s);
 
         let _ = writeln!(s, "## Memory\n");
         let _ = writeln!(
@@ -432,6 +437,42 @@ impl Report {
                 per_process(&a.median.cost[..a.processes], |c| c.switches, "", 1),
                 b.ratio,
                 per_process(&b.median.cost[..b.processes], |c| c.cpu_us, "µs", 0),
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    /// etcd's own benchmark tool against the same endpoints, its ratios beside the Rust
+    /// generator's.
+    fn second_generator(&self, s: &mut String) {
+        if self.go.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "## A second load generator\n");
+        let _ = writeln!(
+            s,
+            "etcd's own `benchmark` tool (`tools/benchmark`, built from the Go module proxy \
+             by `scripts/etcd benchmark`, which names the release), run in the same rounds against the \
+             same endpoints: put of 256-byte values over 1,000 keys, and linearizable Range \
+             of one seeded key, with one client on one connection and 100 clients on 4. Its \
+             ratio to direct etcd is set beside the Rust generator's for the workload of the \
+             same name; \"apart\" is how far the two differ, relative to the Rust ratio.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| workload | endpoint | ops/s (Go) | ratio (Go) | ratio (Rust) | apart |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
+        for g in self.go.iter().filter(|g| g.endpoint != DIRECT) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.2}x | {:.2}x | {:.0}% |",
+                g.workload,
+                g.endpoint,
+                g.ops_per_sec,
+                g.ratio,
+                g.rust_ratio,
+                g.disagreement() * 100.0
             );
         }
         let _ = writeln!(s);

@@ -1,8 +1,9 @@
 //! The benchmark's smoke mode against real etcd, grpc-proxy, broker, shim, the floor relays
-//! and the injector: it must produce a complete report, with every workload measured on
-//! every endpoint, what each serving process spent per request, and the injector's
-//! admission latency.
+//! and the injector, with etcd's benchmark tool as the second load generator: it must
+//! produce a complete report, with every workload measured on every endpoint, what each
+//! serving process spent per request, and the injector's admission latency.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -25,8 +26,19 @@ const ENDPOINTS: [(&str, usize); 7] = [
 fn quick_run_reports_every_endpoint_and_what_each_hop_costs() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (md, json) = (dir.path().join("BENCH.md"), dir.path().join("bench.json"));
+    // Where scripts/etcd keeps etcd's benchmark tool (it builds it first if missing).
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd");
+    let found = Command::new(&script).arg("benchmark").output()?;
+    ensure!(
+        found.status.success(),
+        "scripts/etcd benchmark failed: {}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let go_tool = String::from_utf8(found.stdout)?.trim().to_owned();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-shim-bench"));
     cmd.arg("--quick")
+        .arg("--go-benchmark")
+        .arg(&go_tool)
         .arg("--out")
         .arg(&md)
         .arg("--json")
@@ -80,6 +92,18 @@ fn quick_run_reports_every_endpoint_and_what_each_hop_costs() -> Result<()> {
         assert_eq!(w["endpoints"][0]["ratio"].as_f64(), Some(1.0), "{name}");
     }
 
+    // etcd's benchmark tool: put and range, at 1 and 100 clients, against every endpoint.
+    let go = report["go"].as_array().context("go")?;
+    assert_eq!(go.len(), 4 * ENDPOINTS.len(), "{go:#?}");
+    for g in go {
+        let (ops, ratio) = (g["ops_per_sec"].as_f64(), g["ratio"].as_f64());
+        assert!(
+            ops.unwrap_or(0.0) > 0.0 && ratio.unwrap_or(0.0) > 0.0,
+            "{g}"
+        );
+        assert!(g["rust_ratio"].as_f64().unwrap_or(0.0) > 0.0, "{g}");
+    }
+
     let memory = report["memory"].as_array().context("memory")?;
     assert_eq!(memory.len(), 3);
     for m in memory {
@@ -123,6 +147,7 @@ fn quick_run_reports_every_endpoint_and_what_each_hop_costs() -> Result<()> {
         "## Targets",
         "## What a hop costs",
         "## Workloads",
+        "## A second load generator",
         "## Memory",
         "## Broker scale",
         "## Injector",
