@@ -85,47 +85,72 @@ fn requests_per_sec(summary: &str) -> Option<f64> {
 pub struct GoResult {
     pub workload: String,
     pub endpoint: String,
+    pub clients: usize,
     pub rounds: Vec<f64>,
     pub ops_per_sec: f64,
     /// Over direct etcd's, through the tool.
     pub ratio: f64,
     /// The Rust generator's ratio for the same workload and endpoint.
     pub rust_ratio: f64,
+    /// With one client, the time the endpoint adds to each request over direct etcd
+    /// (1/throughput minus direct's), by the tool and by the Rust generator.
+    pub added_ms: Option<f64>,
+    pub rust_added_ms: Option<f64>,
 }
 
 impl GoResult {
-    /// How far the two generators' ratios are apart, relative to the Rust one.
+    /// How far the two generators are apart, relative to the Rust figure: on the time
+    /// added per request with one client, on the ratio otherwise. With one client a
+    /// ratio is direct's time over direct's plus the hop's, so it depends on how long the
+    /// generator itself takes per request; the time the hop adds does not.
     pub fn disagreement(&self) -> f64 {
-        if self.rust_ratio > 0.0 {
-            (self.ratio / self.rust_ratio - 1.0).abs()
+        let (go, rust) = match (self.added_ms, self.rust_added_ms) {
+            (Some(go), Some(rust)) => (go, rust),
+            _ => (self.ratio, self.rust_ratio),
+        };
+        if rust > 0.0 {
+            (go / rust - 1.0).abs()
         } else {
             f64::INFINITY
         }
     }
 }
 
-/// Medians and ratios: `rounds[endpoint]` for one workload, `direct` the index of direct
-/// etcd, `rust_ratio` the Rust generator's ratio for an endpoint's name.
+/// Throughput of the same workload by the Rust generator: per endpoint name.
+pub struct Rust<'a> {
+    pub ratio: &'a dyn Fn(&str) -> f64,
+    pub ops_per_sec: &'a dyn Fn(&str) -> f64,
+}
+
+/// Medians and ratios: `rounds[endpoint]` for workload `w`, `direct` the index of direct
+/// etcd, `rust` the Rust generator's figures for the same workload.
 pub fn results(
-    workload: &str,
+    w: &GoWorkload,
     names: &[&str],
     rounds: Vec<Vec<f64>>,
     direct: usize,
-    rust_ratio: impl Fn(&str) -> f64,
+    rust: Rust<'_>,
 ) -> Vec<GoResult> {
     let medians: Vec<f64> = rounds.iter().map(|r| median(r.clone())).collect();
     let base = medians[direct];
+    let added = |ops: f64, direct: f64| {
+        (w.clients == 1 && ops > 0.0 && direct > 0.0).then(|| 1e3 / ops - 1e3 / direct)
+    };
+    let rust_direct = (rust.ops_per_sec)(names[direct]);
     names
         .iter()
         .zip(rounds)
         .zip(medians)
         .map(|((name, rounds), m)| GoResult {
-            workload: workload.to_owned(),
+            workload: w.name.to_owned(),
             endpoint: (*name).to_owned(),
+            clients: w.clients,
             rounds,
             ops_per_sec: m,
             ratio: if base > 0.0 { m / base } else { 0.0 },
-            rust_ratio: rust_ratio(name),
+            rust_ratio: (rust.ratio)(name),
+            added_ms: added(m, base),
+            rust_added_ms: added((rust.ops_per_sec)(name), rust_direct),
         })
         .collect()
 }
@@ -145,16 +170,34 @@ mod tests {
 
     #[test]
     fn ratios_are_to_direct_and_compared_with_rust() {
-        let r = results(
-            "put c1",
-            &["direct etcd", "etcd-shim"],
-            vec![vec![1000.0, 1200.0, 1100.0], vec![500.0, 440.0, 660.0]],
-            0,
-            |name| if name == "etcd-shim" { 0.5 } else { 1.0 },
-        );
-        assert_eq!(r[0].ratio, 1.0);
-        assert_eq!(r[1].ops_per_sec, 500.0);
+        let names = ["direct etcd", "etcd-shim"];
+        let rust_ops = |name: &str| if name == "etcd-shim" { 1000.0 } else { 2000.0 };
+        let rust_ratio = |name: &str| rust_ops(name) / 2000.0;
+        let rust = || Rust {
+            ratio: &rust_ratio,
+            ops_per_sec: &rust_ops,
+        };
+        let rounds = vec![vec![1000.0, 1250.0, 1100.0], vec![500.0, 440.0, 660.0]];
+        let at = |clients| GoWorkload {
+            name: "put",
+            conns: 1,
+            clients,
+            total: 10,
+            args: &[],
+        };
+
+        // 100 clients: the ratios are compared.
+        let r = results(&at(100), &names, rounds.clone(), 0, rust());
+        assert_eq!((r[0].ratio, r[1].ops_per_sec), (1.0, 500.0));
         assert!((r[1].ratio - 500.0 / 1100.0).abs() < 1e-9);
+        assert_eq!(r[1].added_ms, None);
         assert!((r[1].disagreement() - (1.0 - 500.0 / 1100.0 / 0.5)).abs() < 1e-9);
+
+        // One client: the time added per request (Go: 2 - 0.909 ms; Rust: 1 - 0.5 ms).
+        let r = results(&at(1), &names, rounds, 0, rust());
+        let go_added = 1e3 / 500.0 - 1e3 / 1100.0;
+        assert!((r[1].added_ms.unwrap() - go_added).abs() < 1e-9);
+        assert!((r[1].rust_added_ms.unwrap() - 0.5).abs() < 1e-9);
+        assert!((r[1].disagreement() - (go_added / 0.5 - 1.0)).abs() < 1e-9);
     }
 }
