@@ -462,11 +462,18 @@ impl Report {
             s,
             "With 100 clients the two are compared on ratios. With one client they are \
              compared on the time the endpoint adds to each request (1/throughput, less \
-             direct etcd's), not on ratios: there a ratio is direct etcd's time per request \
-             over direct's plus the hop's, and direct's includes the generator's own time \
-             per request, which differs between the two (Go's client costs more, so the \
-             same hop gives it a ratio nearer 1). \"apart\" is how far the compared figures \
-             differ, relative to the Rust one.\n"
+             direct etcd's), because a ratio there also depends on the generator's own time \
+             per request. \"apart\" is how far the compared figures differ, relative to \
+             the Rust one. The targets use the Rust generator's figures.\n"
+        );
+        let _ = writeln!(
+            s,
+            "On this 2-core machine the one-client figures of the two generators disagree \
+             widely, and which one sees the larger added time changes from run to run: each \
+             generator's own threads share the two cores with etcd and every hop, and at \
+             one client a request waits for each process in its path to be scheduled, so \
+             the time a hop adds depends on what else is runnable. At 100 clients, where \
+             every process stays busy, the two agree far better.\n"
         );
         let _ = writeln!(
             s,

@@ -58,18 +58,26 @@ impl Stack {
         let (shim, shim_url) = start_shim(broker.port, TOKEN, "shim", dir.path())?;
         let etcd_addr = etcd.url.trim_start_matches("http://").to_owned();
         let mut floors = Vec::new();
-        for (name, modes) in [
+        for (f, (name, modes)) in [
             (TCP_RELAY, &["tcp"][..]),
             (H2_RELAY, &["h2"]),
             (TCP_H2_RELAYS, &["tcp", "h2"]),
             (TWO_H2_RELAYS, &["h2", "h2"]),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             // Started etcd side first, so each relay has its upstream.
             let mut chain = Vec::new();
             let mut upstream = etcd_addr.clone();
             for (i, mode) in modes.iter().enumerate().rev() {
-                let relay = Relay::start(mode, &upstream, &format!("relay-{i}-{mode}"), dir.path())
-                    .with_context(|| format!("starting the {mode} relay of {name}"))?;
+                let relay = Relay::start(
+                    mode,
+                    &upstream,
+                    &format!("floor-{f}-relay-{i}-{mode}"),
+                    dir.path(),
+                )
+                .with_context(|| format!("starting the {mode} relay of {name}"))?;
                 upstream = relay.addr.clone();
                 chain.insert(0, relay);
             }
