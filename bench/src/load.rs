@@ -169,8 +169,8 @@ struct Task {
 /// measured. Operations started in the measured window count; throughput is over the
 /// time until the last of them finished. Every task completes at least one measured
 /// operation, so an overloaded endpoint shows as slow rather than as missing.
-/// Runs `w` on `clients`, and measures what the processes `serving` spent on it over the
-/// measuring window (CPU and context switches per operation).
+/// Runs `w` on `clients`, and measures what the processes `serving` spent on it (CPU and
+/// context switches per operation).
 pub async fn run(
     w: Workload,
     clients: &[Client],
@@ -178,6 +178,13 @@ pub async fn run(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Sample> {
+    let read = || {
+        serving
+            .iter()
+            .map(|&pid| usage::counters(pid))
+            .collect::<Result<Vec<_>>>()
+    };
+    let before = read()?;
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
@@ -205,32 +212,28 @@ pub async fn run(
                 }
                 task.n += 1;
             }
-            anyhow::Ok((lat, last))
+            anyhow::Ok((lat, last, task.n as u64))
         });
     }
-    let read = || {
-        serving
-            .iter()
-            .map(|&pid| usage::counters(pid))
-            .collect::<Result<Vec<_>>>()
-    };
-    tokio::time::sleep_until(measure_from.into()).await;
-    let before = read()?;
-    tokio::time::sleep_until(end.into()).await;
+    let mut all = Vec::new();
+    let mut last = measure_from + duration;
+    let mut total = 0u64;
+    while let Some(r) = set.join_next().await {
+        let (lat, done, n) = r??;
+        all.extend(lat);
+        last = last.max(done);
+        total += n;
+    }
+    // Over the whole run, warm-up included, divided by every operation it did: on a
+    // loaded machine this task may wake late, so counters read at the edges of the
+    // measuring window could miss the work.
     let spent: Vec<Counters> = read()?
         .into_iter()
         .zip(before)
         .map(|(a, b)| a - b)
         .collect();
-    let mut all = Vec::new();
-    let mut last = measure_from + duration;
-    while let Some(r) = set.join_next().await {
-        let (lat, done) = r??;
-        all.extend(lat);
-        last = last.max(done);
-    }
     let mut sample = Sample::from_latencies(all, last - measure_from);
-    let ops = sample.ops.max(1) as f64;
+    let ops = total.max(1) as f64;
     for (cost, c) in sample.cost.iter_mut().zip(spent) {
         *cost = Cost {
             cpu_us: c.cpu_ns as f64 / 1e3 / ops,

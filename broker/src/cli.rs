@@ -175,11 +175,10 @@ pub struct Args {
     /// etcd and need no division. See docs/broker-config.md#limits-across-replicas.
     #[arg(long, env = "ETCD_SHIM_BROKER_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     replicas: u32,
-    /// Threads that serve calls. 1 (the default) runs the whole broker on one thread,
-    /// which costs the least CPU per call: no call moves between threads. Scale out with
-    /// replicas, or give more threads to use more cores in one process; 0 means one per
-    /// CPU.
-    #[arg(long, env = "ETCD_SHIM_BROKER_WORKER_THREADS", default_value_t = 1)]
+    /// Threads that serve calls; 0 (the default) means one per CPU. 1 runs the whole
+    /// broker on one thread, which costs less CPU per call (no call moves between
+    /// threads), but one thread falls behind sooner when the node's CPU is contended.
+    #[arg(long, env = "ETCD_SHIM_BROKER_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// How long open calls may take to finish after SIGTERM.
     #[arg(long, env = "ETCD_SHIM_BROKER_DRAIN_TIMEOUT", default_value = "10s", value_parser = etcd_shim_core::parse_duration)]
