@@ -417,7 +417,8 @@ impl Report {
              floor is two HTTP/2 relays; a shim that relays bytes would make it a TCP and an \
              HTTP/2 hop. CPU and context switches are per request, of every process between \
              the client and etcd, client side first (`/proc/<pid>/task/*/schedstat` and \
-             `status` over the measuring window).\n"
+             `status` over the whole run of the workload, warm-up included, divided by \
+             every request it made).\n"
         );
         let _ = writeln!(
             s,
